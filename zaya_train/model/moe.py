@@ -6,7 +6,7 @@ dtype, one GEMM per expert (a loop over experts, never over tokens); outputs are
 Tokens routed to the skip class produce zero, as in HF. `reference_experts` is HF's per-expert loop, kept as
 the test oracle.
 
-Shape suffixes: N tokens, D hidden, F expert intermediate, E experts, M routed (non-skip) tokens.
+Shape suffixes: N tokens, D hidden, F expert intermediate, E experts.
 """
 
 from __future__ import annotations
@@ -45,24 +45,26 @@ class ZayaExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.moe_intermediate_size))
 
     def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
+        # Skip-class tokens run through expert 0 with weight 0 (output exactly 0, no gradient), as in HF: the
+        # shapes then never depend on the routing, so dispatch needs no host sync and compiles to one graph.
+        skip_N = ids_N == self.num_experts
+        ids_N = ids_N.masked_fill(skip_N, 0)
+        weight_N = weight_N.masked_fill(skip_N, 0.0)
         order_N = torch.argsort(ids_N, stable=True)
-        counts_X = torch.bincount(ids_N, minlength=self.num_experts + 1)
-        # The skip class has the largest id, so routed tokens come first in the sorted order.
-        routed_M = order_N[: x_ND.shape[0] - int(counts_X[-1])]
-        x_MD = x_ND.index_select(0, routed_M)
-        counts_E = counts_X[: self.num_experts]
-        h_MF2 = self._grouped_linear(x_MD, self.gate_up_proj, counts_E)
-        gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
-        y_MD = self._grouped_linear(F.silu(gate_MF) * up_MF, self.down_proj, counts_E)
-        y_MD = y_MD * weight_N.index_select(0, routed_M)[:, None].to(y_MD.dtype)
-        return x_ND.new_zeros(x_ND.shape).index_copy(0, routed_M, y_MD)
+        counts_E = torch.bincount(ids_N, minlength=self.num_experts)
+        xs_ND = x_ND.index_select(0, order_N)
+        h_NF2 = self._grouped_linear(xs_ND, self.gate_up_proj, counts_E)
+        gate_NF, up_NF = h_NF2.chunk(2, dim=-1)
+        y_ND = self._grouped_linear(F.silu(gate_NF) * up_NF, self.down_proj, counts_E)
+        y_ND = y_ND * weight_N.index_select(0, order_N)[:, None].to(y_ND.dtype)
+        return torch.empty_like(y_ND).index_copy(0, order_N, y_ND)
 
     @staticmethod
-    def _grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if grouped_mm_supported(x_MI.device.type, x_MI.dtype):
+    def _grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if grouped_mm_supported(x_NI.device.type, x_NI.dtype):
             offsets = counts_E.cumsum(0).to(torch.int32)
-            return F.grouped_mm(x_MI, w_EOI.transpose(1, 2), offs=offsets)
-        pieces = torch.split(x_MI, counts_E.tolist())
+            return F.grouped_mm(x_NI, w_EOI.transpose(1, 2), offs=offsets)
+        pieces = torch.split(x_NI, counts_E.tolist())
         return torch.cat([piece @ w_EOI[e].T for e, piece in enumerate(pieces)])
 
 
