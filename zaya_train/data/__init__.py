@@ -1,0 +1,92 @@
+"""Data layer: raw records -> tokenizer -> answer-preserving trim -> packed windows -> sharded, resumable batches.
+
+    from zaya_train.data import (SourceConfig, SourceStats, iter_records, train_bpe, tokenize_chat,
+                                 trim_conversations, pack_sft, pack_pretrain, PretrainPackConfig,
+                                 WindowArrays, PackedLoader, LoaderConfig)
+    # SFT
+    stats = SourceStats()
+    chats = [r["messages"] for r in iter_records(SourceConfig(path="sft/*.jsonl", kind="chat"), stats)]
+    chats, trim_stats = trim_conversations(chats, tok, max_tokens=seq_len)
+    windows, pack_stats = pack_sft([tokenize_chat(c, tok) for c in chats], seq_len, tok.pad_token_id)
+    loader = PackedLoader(WindowArrays.from_windows(windows), LoaderConfig(micro_batch_size=4), rank, world)
+    # pretraining, streamed
+    docs = lambda: (tok(r["text"], add_special_tokens=False)["input_ids"] for r in iter_records(src_cfg))
+    loader = PackedLoader(lambda: pack_pretrain(docs(), pack_cfg), LoaderConfig(micro_batch_size=4), rank, world)
+    # nano recipe
+    loader = PackedLoader(ChainSumDataset(ChainSumConfig(), char_tokenizer(NANO_CHARS), size=32_000), cfg)
+
+Each module's docstring has the details.
+"""
+
+from zaya_train.data.loader import LoaderConfig, PackedLoader
+from zaya_train.data.packing import (
+    IGNORE_INDEX,
+    PackedWindow,
+    PackStats,
+    PretrainPackConfig,
+    SFTExample,
+    SFTPackStats,
+    WindowArrays,
+    best_fit_decreasing,
+    pack_pretrain,
+    pack_sft,
+    tokenize_chat,
+)
+from zaya_train.data.sources import SourceConfig, SourceStats, iter_records
+from zaya_train.data.synthetic import (
+    NANO_CHARS,
+    ChainSumConfig,
+    ChainSumDataset,
+    ChainSumProblem,
+    extract_answer,
+    held_out_problems,
+    is_correct,
+    make_problem,
+)
+from zaya_train.data.tokenizer import (
+    CHAT_TEMPLATE,
+    TokenizerConfig,
+    build_tokenizer,
+    char_tokenizer,
+    load_tokenizer,
+    train_bpe,
+    wrap_tokenizer,
+)
+from zaya_train.data.trimming import TrimStats, ap_trim, trim_conversations
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "IGNORE_INDEX",
+    "NANO_CHARS",
+    "ChainSumConfig",
+    "ChainSumDataset",
+    "ChainSumProblem",
+    "LoaderConfig",
+    "PackStats",
+    "PackedLoader",
+    "PackedWindow",
+    "PretrainPackConfig",
+    "SFTExample",
+    "SFTPackStats",
+    "SourceConfig",
+    "SourceStats",
+    "TokenizerConfig",
+    "TrimStats",
+    "WindowArrays",
+    "ap_trim",
+    "best_fit_decreasing",
+    "build_tokenizer",
+    "char_tokenizer",
+    "extract_answer",
+    "held_out_problems",
+    "is_correct",
+    "iter_records",
+    "load_tokenizer",
+    "make_problem",
+    "pack_pretrain",
+    "pack_sft",
+    "tokenize_chat",
+    "train_bpe",
+    "trim_conversations",
+    "wrap_tokenizer",
+]

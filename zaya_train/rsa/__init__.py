@@ -1,0 +1,54 @@
+"""Markovian RSA (recursive self-aggregation over bounded tails): one implementation for evaluation and RL.
+
+    from zaya_train.rsa import RSAConfig, RSAProblem, TextAggregationTemplate, run_rsa, verifier_scorer
+    result = run_rsa(problems, engine.generate, verifier_scorer(verifier, decode), RSAConfig(), template)
+    write_results(result, run_dir)        # run_dir/rsa_results.json, one entry per round
+
+See `zaya_train.rsa.core` for the algorithm. Tests: `pytest tests/rsa`.
+"""
+
+from zaya_train.rsa.config import VARIANTS, RSAConfig
+from zaya_train.rsa.core import (
+    Candidate,
+    Generate,
+    GenerationResult,
+    RSAProblem,
+    RSAResult,
+    Scorer,
+    aggregation_prompts,
+    carried_context,
+    choose_parents,
+    cut_tail,
+    generation_seed,
+    run_rsa,
+    split_reasoning,
+    verifier_scorer,
+)
+from zaya_train.rsa.metrics import RESULTS_FILE, RoundMetrics, majority_score, round_metrics, write_results
+from zaya_train.rsa.template import AggregationTemplate, TextAggregationTemplate
+
+__all__ = [
+    "RESULTS_FILE",
+    "VARIANTS",
+    "AggregationTemplate",
+    "Candidate",
+    "Generate",
+    "GenerationResult",
+    "RSAConfig",
+    "RSAProblem",
+    "RSAResult",
+    "RoundMetrics",
+    "Scorer",
+    "TextAggregationTemplate",
+    "aggregation_prompts",
+    "carried_context",
+    "choose_parents",
+    "cut_tail",
+    "generation_seed",
+    "majority_score",
+    "round_metrics",
+    "run_rsa",
+    "split_reasoning",
+    "verifier_scorer",
+    "write_results",
+]
