@@ -32,8 +32,8 @@ def test_pretrain_windows_by_hand():
     windows = list(pack_pretrain(DOCS, CFG, stats))
     assert rows(windows) == [
         # [BOS 10 11 12 EOS] then [BOS 20 21 EOS] does not fit: pad, padding is document 1.
-        ([1, 10, 11, 12, 2, 0, 0, 0], [X, 10, 11, 12, 2, X, X, X], [0, 0, 0, 0, 0, 1, 1, 1]),
-        ([1, 20, 21, 2, 0, 0, 0, 0], [X, 20, 21, 2, X, X, X, X], [0, 0, 0, 0, 1, 1, 1, 1]),
+        ([1, 10, 11, 12, 2, 0, 0, 0], [X, 10, 11, 12, 2, X, X, X], [0, 0, 0, 0, 0, -1, -1, -1]),
+        ([1, 20, 21, 2, 0, 0, 0, 0], [X, 20, 21, 2, X, X, X, X], [0, 0, 0, 0, -1, -1, -1, -1]),
         # The 13-token document: one full window-sized piece ...
         ([1, 30, 31, 32, 33, 34, 35, 36], [X, 30, 31, 32, 33, 34, 35, 36], [0] * 8),
         # ... and its 5-token remainder, its own document, followed by [BOS 50 EOS]. The label at each document's
@@ -48,8 +48,8 @@ def test_pretrain_windows_by_hand():
 def test_pretrain_without_bos_eos():
     cfg = PretrainPackConfig(seq_len=4, bos_id=None, eos_id=None, pad_id=0, add_bos=False, add_eos=False)
     assert rows(pack_pretrain([[5, 6], [7], [8, 9, 10]], cfg)) == [
-        ([5, 6, 7, 0], [X, 6, X, X], [0, 0, 1, 2]),
-        ([8, 9, 10, 0], [X, 9, 10, X], [0, 0, 0, 1]),
+        ([5, 6, 7, 0], [X, 6, X, X], [0, 0, 1, -1]),
+        ([8, 9, 10, 0], [X, 9, 10, X], [0, 0, 0, -1]),
     ]
     with pytest.raises(ValueError, match="packing.bos_id"):
         PretrainPackConfig(seq_len=4, bos_id=None, eos_id=2, pad_id=0)
@@ -112,12 +112,12 @@ def test_pack_sft_windows_and_too_long_report():
     examples = [ex(4, 10), ex(1, 20), ex(7, 30), ex(11, 40), ex(4, 60)]
     windows, stats = pack_sft(examples, seq_len=10, pad_id=0)
     assert rows(windows) == [
-        (list(range(30, 37)) + [0, 0, 0], [X, X, 32, X, 34, X, 36, X, X, X], [0] * 7 + [1] * 3),
+        (list(range(30, 37)) + [0, 0, 0], [X, X, 32, X, 34, X, 36, X, X, X], [0] * 7 + [-1] * 3),
         # Each example's first label is masked, whatever its own mask says (a document start predicts nothing).
         (
             [10, 11, 12, 13, 60, 61, 62, 63, 20, 0],
             [X, X, 12, X, X, X, 62, X, X, X],
-            [0] * 4 + [1] * 4 + [2, 3],
+            [0] * 4 + [1] * 4 + [2, -1],
         ),
     ]
     assert stats.too_long == [3]

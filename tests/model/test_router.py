@@ -68,3 +68,11 @@ def test_replay_ids_are_validated(model):
         model(ids, routed_experts=torch.full((1, 4, 3), model.config.num_experts + 1))
     with pytest.raises(ValueError, match="shape"):
         model(ids, routed_experts=torch.zeros(1, 4, 2, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_packed_padding_is_not_counted(model):
+    ids = torch.randint(3, model.config.vocab_size, (1, 10))
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1, -1, -1]])
+    out = model(ids, document_ids=doc_ids)
+    assert out.tokens_per_expert.sum(-1).tolist() == [7] * model.config.num_hidden_layers

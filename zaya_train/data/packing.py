@@ -4,8 +4,9 @@ A window is three int64 arrays of length S: `input_ids`, `labels` (-100 = no los
 takes `document_ids` [B, S] (attention, convolutions and positions stay inside a document) and shifts `labels`
 itself: the logits at position s are scored against `labels[s + 1]`. Hence the label at the first token of a
 document is always -100, so no document's last token is trained to predict the next document's first token.
-Document ids are numbered 0, 1, ... within each window; trailing padding is one more document of `pad_id`
-tokens with label -100 (packed mode takes no attention mask, so padding is fenced off as its own document).
+Document ids are numbered 0, 1, ... within each window; trailing padding is document -1, `pad_id` tokens with
+label -100 (packed mode takes no attention mask: a negative id fences padding off as its own document and keeps
+it out of the expert load counts).
 
 Pretraining (`pack_pretrain`, streaming, greedy in stream order):
 - each document becomes `[BOS] + ids + [EOS]` (each optional, `PretrainPackConfig.add_bos/add_eos`); the
@@ -37,6 +38,9 @@ import numpy as np
 IGNORE_INDEX = -100
 
 
+PAD_DOCUMENT = -1
+
+
 @dataclass
 class PackedWindow:
     input_ids: np.ndarray
@@ -58,7 +62,7 @@ def _finish_window(pieces: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pa
     if pad:
         ids.append(np.full(pad, pad_id, dtype=np.int64))
         labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
-        docs.append(np.full(pad, len(pieces), dtype=np.int64))
+        docs.append(np.full(pad, PAD_DOCUMENT, dtype=np.int64))
     return PackedWindow(np.concatenate(ids), np.concatenate(labels), np.concatenate(docs))
 
 

@@ -7,6 +7,7 @@ Rows come in three forms:
 - packed rows holding several documents, given by `document_ids` [B, S] or by `cu_seqlens` over the flattened
   [B * S] token stream. Attention, both CCA convolutions and the value time shift stay inside a document, and
   positions restart at 0 in each document, so a packed row computes exactly what its documents would alone.
+  A negative document id marks padding: it is its own document and is left out of the expert load counts.
 
 Shape suffixes: B batch, S query length, K key length (past + S), T shifts.
 """
@@ -105,6 +106,8 @@ def build_layout(
     if key_valid_BK is not None and bool(key_valid_BK.all()):
         key_valid_BK = None
     token_mask_BS = key_valid_BK[:, past_len:] if key_valid_BK is not None else None
+    if packed and bool((document_ids < 0).any()):
+        token_mask_BS = document_ids >= 0
 
     if position_ids is None:
         if packed:
@@ -134,7 +137,7 @@ def build_layout(
 
     layout = SequenceLayout(
         position_ids_BS=position_ids,
-        pad_zero_mask_BS=token_mask_BS if (token_mask_BS is not None and seq_len > 1) else None,
+        pad_zero_mask_BS=token_mask_BS if (token_mask_BS is not None and seq_len > 1 and not packed) else None,
         token_mask_BS=token_mask_BS,
         shift_valid_TBS=shift_valid,
         cu_seqlens=cu,

@@ -79,6 +79,7 @@ class ZayaModel(nn.Module):
         self.norm = ZayaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.input_hidden_states_scale = nn.Parameter(torch.ones(config.hidden_size))
         self.input_hidden_states_bias = nn.Parameter(torch.zeros(config.hidden_size))
+        self.gradient_checkpointing = config.gradient_checkpointing
         for layer_type in sorted(set(config.layer_types)):
             self.register_buffer(f"{layer_type}_inv_freq", self.rope_inv_freq(layer_type), persistent=False)
 
@@ -91,6 +92,33 @@ class ZayaModel(nn.Module):
         for layer_type in sorted(set(self.config.layer_types)):
             setattr(self, f"{layer_type}_inv_freq", self.rope_inv_freq(layer_type).to(device))
 
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        layout: SequenceLayout,
+        cache: ZayaCache | None,
+        routed_experts_BSL: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the final-normed hidden states [B, S, D] and the router class ids [L, B, S]."""
+        config = self.config
+        ropes = {
+            layer_type: rope_cos_sin(layout.position_ids_BS, getattr(self, f"{layer_type}_inv_freq"))
+            for layer_type in set(config.layer_types)
+        }
+        embeds_BSD = self.embed_tokens(input_ids_BS)
+        residual_BSD = ((embeds_BSD + self.input_hidden_states_bias) * self.input_hidden_states_scale).float()
+        router_state_BSR = None
+        ids_per_layer = []
+        for idx, layer in enumerate(self.layers):
+            replay_BS = routed_experts_BSL[..., idx] if routed_experts_BSL is not None else None
+            args = (residual_BSD, router_state_BSR, layout, ropes[config.layer_types[idx]], cache, replay_BS)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                residual_BSD, router_state_BSR, ids_BS = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                residual_BSD, router_state_BSR, ids_BS = layer(*args)
+            ids_per_layer.append(ids_BS)
+        return self.norm(residual_BSD), torch.stack(ids_per_layer)
+
 
 class ZayaForCausalLM(nn.Module):
     def __init__(self, config: ZayaConfig) -> None:
@@ -100,7 +128,6 @@ class ZayaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = config.gradient_checkpointing
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -139,7 +166,7 @@ class ZayaForCausalLM(nn.Module):
         self.model.input_hidden_states_bias.zero_()
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
-        self.gradient_checkpointing = enabled
+        self.model.gradient_checkpointing = enabled
 
     def routers(self) -> list[ZayaRouter]:
         return [layer.mlp.gate for layer in self.model.layers]
@@ -178,27 +205,10 @@ class ZayaForCausalLM(nn.Module):
             config, batch, seq_len, input_ids.device, attention_mask, position_ids, document_ids, cu_seqlens,
             past_len, cache.key_valid if cache is not None else None,
         )
-        ropes = {
-            layer_type: rope_cos_sin(layout.position_ids_BS, getattr(self.model, f"{layer_type}_inv_freq"))
-            for layer_type in set(config.layer_types)
-        }
-
-        embeds_BSD = self.model.embed_tokens(input_ids)
-        residual_BSD = ((embeds_BSD + self.model.input_hidden_states_bias) * self.model.input_hidden_states_scale).float()
-        router_state_BSR = None
-        ids_per_layer = []
-        for idx, layer in enumerate(self.model.layers):
-            replay_BS = routed_experts[..., idx] if routed_experts is not None else None
-            args = (residual_BSD, router_state_BSR, layout, ropes[config.layer_types[idx]], cache, replay_BS)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-                residual_BSD, router_state_BSR, ids_BS = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                residual_BSD, router_state_BSR, ids_BS = layer(*args)
-            ids_per_layer.append(ids_BS)
+        hidden_BSD, ids_LBS = self.model(input_ids, layout, cache, routed_experts)
         if cache is not None:
             cache.advance(seq_len, key_valid)
 
-        ids_LBS = torch.stack(ids_per_layer)
         counted_LBS = ids_LBS if layout.token_mask_BS is None else ids_LBS[:, layout.token_mask_BS]
         offsets_L1 = torch.arange(config.num_hidden_layers, device=ids_LBS.device)[:, None] * config.num_router_classes
         tokens_per_expert = torch.bincount(
@@ -207,8 +217,8 @@ class ZayaForCausalLM(nn.Module):
         ).view(config.num_hidden_layers, config.num_router_classes)
 
         if logits_to_keep:
-            residual_BSD = residual_BSD[:, -logits_to_keep:]
-        logits_BSV = self.lm_head(self.model.norm(residual_BSD))
+            hidden_BSD = hidden_BSD[:, -logits_to_keep:]
+        logits_BSV = self.lm_head(hidden_BSD)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
