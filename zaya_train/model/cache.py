@@ -2,7 +2,8 @@
 projection columns (conv state) and the previous token's delayed value projection.
 
 Keys and values live in buffers that grow by doubling, so a decode step writes in place instead of
-concatenating. Rows can be dropped or reordered (`select`) when sequences finish.
+concatenating. Rows can be dropped or reordered (`select`) when sequences finish, and another cache's rows
+appended (`extend`) when new requests join a running batch.
 
 Shape suffixes: B batch, G KV heads, L capacity, d head dim, P conv history, C conv channels, V value channels.
 """
@@ -62,3 +63,49 @@ class ZayaCache:
                     states[layer] = state.index_select(0, rows)
         if self.key_valid is not None:
             self.key_valid = self.key_valid.index_select(0, rows)
+
+    def extend(self, other: ZayaCache, capacity: int = 0) -> None:
+        """Appends `other`'s rows after this cache's rows, as when requests join a running decode batch.
+
+        Rows stay right-aligned (their last key in the last column): the shorter cache is left-padded with
+        invalid keys, so relative key distances, and with them sliding windows, are unchanged. Leading columns
+        that are padding in every row of a cache are dropped first. Padded key/value slots are zeroed (never
+        garbage) because masked attention still multiplies them by a zero weight. Conv and value states are
+        per row and are concatenated. `capacity` reserves room for that many keys in total, so the decode
+        steps that follow write in place instead of regrowing the buffers."""
+        parts = [cache for cache in (self, other) if cache.batch_size > 0]
+        if not parts:
+            return
+        valid_BK = [
+            cache.key_valid if cache.key_valid is not None
+            else torch.ones(cache.batch_size, cache.seq_len, dtype=torch.bool, device=cache.keys[0].device)
+            for cache in parts
+        ]
+        # First column holding a real key in some row; everything left of it is padding for the whole cache.
+        leads = [int(valid.any(dim=0).int().argmax()) for valid in valid_BK]
+        lengths = [cache.seq_len - lead for cache, lead in zip(parts, leads)]
+        new_len = max(lengths)
+        total_rows = sum(cache.batch_size for cache in parts)
+        row_slices, start = [], 0
+        for cache in parts:
+            row_slices.append(slice(start, start + cache.batch_size))
+            start += cache.batch_size
+
+        for states in ("keys", "values"):
+            merged = []
+            for layer in range(self.num_layers):
+                first = getattr(parts[0], states)[layer]
+                buf_BGLd = first.new_zeros(total_rows, first.shape[1], max(new_len, capacity), first.shape[3])
+                for cache, rows, lead, length in zip(parts, row_slices, leads, lengths):
+                    src_BGLd = getattr(cache, states)[layer]
+                    buf_BGLd[rows, :, new_len - length : new_len] = src_BGLd[:, :, lead : cache.seq_len]
+                merged.append(buf_BGLd)
+            setattr(self, states, merged)
+        for states in ("conv_state", "value_state"):
+            setattr(self, states, [torch.cat([getattr(c, states)[i] for c in parts]) for i in range(self.num_layers)])
+
+        key_valid_BL = valid_BK[0].new_zeros(total_rows, new_len)
+        for valid, rows, lead, length in zip(valid_BK, row_slices, leads, lengths):
+            key_valid_BL[rows, new_len - length :] = valid[:, lead:]
+        self.key_valid = None if bool(key_valid_BL.all()) else key_valid_BL
+        self.seq_len = new_len
