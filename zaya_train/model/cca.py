@@ -5,12 +5,12 @@ skips, L2-normalised to sqrt(d) (keys times a learned per-KV-head `temp`), parti
 GQA. Half the value channels come from the current token, half from the previous one.
 
 The two convolutions are applied as one: a depthwise conv followed by a grouped conv is a single grouped
-causal conv over `cca_time0 + cca_time1 - 1` taps whose kernel is composed from the two (plus a constant from
-their biases). Written that way it is one batched matmul over time-shifted inputs, and a shifted input can be
-zeroed where it comes from another document, which is what makes packed rows exact.
+causal conv over `cca_time0 + cca_time1 - 1` taps whose kernel is the two kernels convolved (plus a constant
+from their biases). Plain rows run it as one `conv1d`; packed rows run it tap by tap so that a tap reaching
+into an earlier document can be zeroed for the positions it would cross into, which makes packing exact.
 
 Shape suffixes: B batch, S sequence, D hidden, C conv channels (q + k latent), H conv groups (query + KV heads),
-T taps, d head dim, Q query heads, G KV heads, V value channels.
+T taps, d head dim (i in, o out), Q query heads, G KV heads, g queries per KV head, V value channels.
 """
 
 from __future__ import annotations
@@ -45,18 +45,60 @@ class ZayaCCAProjection(nn.Module):
         self.conv_qk_grouped = nn.Conv1d(channels, channels, self.time1, groups=self.num_heads + self.num_kv_heads)
 
     def composed_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two convolutions as one: kernel [H, T*d, d] over taps (tap t = input t steps back) and bias [H, d]."""
+        """The two convolutions as one grouped causal conv: weight [C, d, T] (tap j reads input t - (T-1) + j,
+        the full convolution of the two kernels) and bias [C] (the second conv applied to the first one's bias)."""
         groups, d = self.num_heads + self.num_kv_heads, self.head_dim
-        w0_HdK = self.conv_qk_depthwise.weight.view(groups, d, self.time0)
+        w0_HiK = self.conv_qk_depthwise.weight.view(groups, d, self.time0)
         w1_HoiK = self.conv_qk_grouped.weight.view(groups, d, d, self.time1)
-        kernel_HTio = w1_HoiK.new_zeros(groups, self.num_taps, d, d)
+        weight_HoiT = w1_HoiK.new_zeros(groups, d, d, self.num_taps)
         for j0 in range(self.time0):
             for j1 in range(self.time1):
-                tap = (self.time0 - 1 - j0) + (self.time1 - 1 - j1)
-                kernel_HTio[:, tap] += (w1_HoiK[..., j1] * w0_HdK[:, None, :, j0]).transpose(1, 2)
-        b0_Hd = self.conv_qk_depthwise.bias.view(groups, d)
-        bias_Hd = self.conv_qk_grouped.bias.view(groups, d) + torch.einsum("hoik,hi->ho", w1_HoiK, b0_Hd)
-        return kernel_HTio.reshape(groups, self.num_taps * d, d), bias_Hd
+                weight_HoiT[..., j0 + j1] += w1_HoiK[..., j1] * w0_HiK[:, None, :, j0]
+        b0_Hi = self.conv_qk_depthwise.bias.view(groups, d)
+        bias_Ho = self.conv_qk_grouped.bias.view(groups, d) + torch.einsum("hoik,hi->ho", w1_HoiK, b0_Hi)
+        return weight_HoiT.reshape(groups * d, d, self.num_taps), bias_Ho.reshape(groups * d)
+
+    def projections(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q/k pre-conv projections [B,S,C], current and delayed value projections [B,S,V], as one matmul."""
+        linears = (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
+        weight = torch.cat([m.weight for m in linears])
+        bias = torch.cat([m.bias for m in linears]) if self.q_proj.bias is not None else None
+        qk_dim = self.q_proj.out_features + self.k_proj.out_features
+        v_dim = self.v_proj_current.out_features
+        return F.linear(x_BSD, weight, bias).split([qk_dim, v_dim, v_dim], dim=-1)
+
+    def causal_conv(self, qk_pre_BSC: torch.Tensor, layout: SequenceLayout, cache: ZayaCache | None) -> torch.Tensor:
+        """The composed q/k convolution [B,S,C]. The prefix is the cached past columns (zeros at a sequence
+        start). Packed rows zero, per output position, every tap that reaches into an earlier document."""
+        batch, seq_len, channels = qk_pre_BSC.shape
+        history = self.num_taps - 1
+        if cache is not None and cache.get_seq_length() > 0:
+            prefix_BPC = cache.conv_state[self.layer_idx]
+        else:
+            prefix_BPC = qk_pre_BSC.new_zeros(batch, history, channels)
+        weight_CdT, bias_C = self.composed_conv()
+        groups = self.num_heads + self.num_kv_heads
+        if layout.shift_valid_TBS is None:
+            # Channels-first and contiguous: conv1d's backward is several times slower on a transposed view.
+            padded_BCP = torch.cat([prefix_BPC.transpose(1, 2), qk_pre_BSC.transpose(1, 2)], dim=2)
+            if cache is not None:
+                # A copy, so the cache does not keep the whole prefill buffer alive.
+                cache.conv_state[self.layer_idx] = padded_BCP[:, :, padded_BCP.shape[2] - history :].transpose(1, 2).clone()
+            out_BCS = F.conv1d(padded_BCP, weight_CdT, bias_C, groups=groups)
+            # Back to [B, S, C] memory order: q/k inherit it, and SDPA's fast kernels need d contiguous.
+            return out_BCS.transpose(1, 2).contiguous()
+        padded_BPC = torch.cat([prefix_BPC, qk_pre_BSC], dim=1)
+        if cache is not None:
+            cache.conv_state[self.layer_idx] = padded_BPC[:, padded_BPC.shape[1] - history :].clone()
+        weight_HoiT = weight_CdT.view(groups, self.head_dim, self.head_dim, self.num_taps)
+        out_BSHd = bias_C.view(groups, self.head_dim).expand(batch, seq_len, groups, self.head_dim)
+        for shift in range(self.num_taps):
+            x_BSC = padded_BPC[:, history - shift : history - shift + seq_len]
+            if shift:
+                x_BSC = x_BSC * layout.shift_valid_TBS[shift - 1][..., None].to(x_BSC.dtype)
+            x_BSHd = x_BSC.view(batch, seq_len, groups, self.head_dim)
+            out_BSHd = out_BSHd + torch.einsum("bshi,hoi->bsho", x_BSHd, weight_HoiT[..., history - shift])
+        return out_BSHd.reshape(batch, seq_len, channels)
 
     def forward(
         self, x_BSD: torch.Tensor, layout: SequenceLayout, cache: ZayaCache | None
@@ -65,44 +107,23 @@ class ZayaCCAProjection(nn.Module):
         batch, seq_len, _ = x_BSD.shape
         if layout.pad_zero_mask_BS is not None:
             x_BSD = x_BSD * layout.pad_zero_mask_BS[..., None].to(x_BSD.dtype)
-        q_pre_BSC = self.q_proj(x_BSD)
-        k_pre_BSC = self.k_proj(x_BSD)
-        qk_pre_BSC = torch.cat([q_pre_BSC, k_pre_BSC], dim=-1)
+        qk_pre_BSC, v_cur_BSV, v_del_BSV = self.projections(x_BSD)
+        q_dim = self.num_heads * self.head_dim
 
         # Mean skips (fp32): every query head averages with its KV head; each KV head takes its group's mean.
         group = self.num_heads // self.num_kv_heads
-        q_res_BSQd = q_pre_BSC.float().view(batch, seq_len, self.num_heads, self.head_dim)
-        k_res_BSGd = k_pre_BSC.float().view(batch, seq_len, self.num_kv_heads, self.head_dim)
-        q_res_BSQd = 0.5 * (q_res_BSQd + k_res_BSGd.repeat_interleave(group, dim=2))
-        k_res_BSGd = q_res_BSQd.view(batch, seq_len, self.num_kv_heads, group, self.head_dim).mean(dim=3)
+        q_res_BSGgd = qk_pre_BSC[..., :q_dim].float().view(batch, seq_len, self.num_kv_heads, group, self.head_dim)
+        k_pre_BSG1d = qk_pre_BSC[..., q_dim:].float().view(batch, seq_len, self.num_kv_heads, 1, self.head_dim)
+        q_res_BSGgd = 0.5 * (q_res_BSGgd + k_pre_BSG1d)
+        k_res_BSGd = q_res_BSGgd.mean(dim=3)
 
-        # Causal conv over taps; the prefix is the cached past columns (zeros at a sequence start).
-        history = self.num_taps - 1
-        if cache is not None and cache.get_seq_length() > 0:
-            prefix_BPC = cache.conv_state[self.layer_idx]
-        else:
-            prefix_BPC = qk_pre_BSC.new_zeros(batch, history, qk_pre_BSC.shape[-1])
-        padded_BPC = torch.cat([prefix_BPC, qk_pre_BSC], dim=1)
-        if cache is not None:
-            cache.conv_state[self.layer_idx] = padded_BPC[:, padded_BPC.shape[1] - history :]
-        taps = []
-        for tap in range(self.num_taps):
-            shifted_BSC = padded_BPC[:, history - tap : history - tap + seq_len]
-            if tap and layout.shift_valid_TBS is not None:
-                shifted_BSC = shifted_BSC * layout.shift_valid_TBS[tap - 1][..., None].to(shifted_BSC.dtype)
-            taps.append(shifted_BSC)
-        groups = self.num_heads + self.num_kv_heads
-        taps_NHTd = torch.stack(taps, dim=2).view(batch * seq_len, self.num_taps, groups, self.head_dim)
-        taps_HNk = taps_NHTd.permute(2, 0, 1, 3).reshape(groups, batch * seq_len, self.num_taps * self.head_dim)
-        kernel_Hko, bias_Hd = self.composed_conv()
-        conv_HNd = torch.baddbmm(bias_Hd[:, None, :], taps_HNk, kernel_Hko)
-        conv_BSHd = conv_HNd.permute(1, 0, 2).view(batch, seq_len, groups, self.head_dim).float()
-        q_BSQd = conv_BSHd[:, :, : self.num_heads] + q_res_BSQd
-        k_BSGd = conv_BSHd[:, :, self.num_heads :] + k_res_BSGd
+        conv_BSC = self.causal_conv(qk_pre_BSC, layout, cache).float()
+        q_BSQd = conv_BSC[..., :q_dim].view(batch, seq_len, self.num_heads, self.head_dim) + q_res_BSGgd.reshape(
+            batch, seq_len, self.num_heads, self.head_dim
+        )
+        k_BSGd = conv_BSC[..., q_dim:].view(batch, seq_len, self.num_kv_heads, self.head_dim) + k_res_BSGd
 
         # Values: current channels from x_t, delayed channels from x_{t-1} (zero input before a sequence start).
-        v_cur_BSV = self.v_proj_current(x_BSD)
-        v_del_BSV = self.v_proj_delayed(x_BSD)
         empty_V = self.v_proj_delayed.bias if self.v_proj_delayed.bias is not None else v_del_BSV.new_zeros(v_del_BSV.shape[-1])
         if cache is not None and cache.get_seq_length() > 0:
             prev_B1V = cache.value_state[self.layer_idx][:, None]

@@ -26,13 +26,15 @@ from zaya_train.model.cca import ZayaAttention, ZayaQKNorm
 from zaya_train.model.config import ZayaConfig
 from zaya_train.model.layers import ZayaResidualScaling, ZayaRMSNorm, rope_cos_sin, rope_inv_freq
 from zaya_train.model.layout import SequenceLayout, build_layout
+from zaya_train.model.loss import IGNORE_INDEX, ZayaLMHead
 from zaya_train.model.moe import ZayaExperts, ZayaSparseMoeBlock
 from zaya_train.model.router import ZayaRouter
 
 
 @dataclass
 class ZayaOutput:
-    logits: torch.Tensor
+    # None when a training forward asked for the loss only (return_logits=False).
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     cache: ZayaCache | None = None
     # router_ids_BSL[b, s, l]: class chosen at layer l (num_experts = skip); with return_router_ids=True.
@@ -125,7 +127,7 @@ class ZayaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = ZayaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.lm_head = ZayaLMHead(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if not any(p.is_meta for p in self.parameters()):
@@ -185,9 +187,12 @@ class ZayaForCausalLM(nn.Module):
         routed_experts: torch.Tensor | None = None,
         return_router_ids: bool = False,
         logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> ZayaOutput:
         """`labels` are the input ids (shifted inside, -100 ignored), as in HF. `routed_experts` [B, S, L] replays
-        the given class per token and layer. `logits_to_keep=k` computes logits for the last k positions only."""
+        the given class per token and layer. `logits_to_keep=k` computes logits for the last k positions only.
+        `return_logits=False` with `labels` computes the loss by the fused chunked LM head + cross-entropy
+        (zaya_train.model.loss) and never materialises the logits: the training path."""
         config = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
@@ -216,14 +221,20 @@ class ZayaForCausalLM(nn.Module):
             minlength=config.num_hidden_layers * config.num_router_classes,
         ).view(config.num_hidden_layers, config.num_router_classes)
 
-        if logits_to_keep:
-            hidden_BSD = hidden_BSD[:, -logits_to_keep:]
-        logits_BSV = self.lm_head(hidden_BSD)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits_BSV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits_BSV.device), ignore_index=-100
-            )
+        logits_BSV, loss = None, None
+        if labels is not None and not return_logits:
+            labels = labels.to(hidden_BSD.device)
+            shifted_BS = torch.cat([labels[:, 1:], labels.new_full((batch, 1), IGNORE_INDEX)], dim=1)
+            loss = self.lm_head(hidden_BSD, labels=shifted_BS)
+        else:
+            if logits_to_keep:
+                hidden_BSD = hidden_BSD[:, -logits_to_keep:]
+            logits_BSV = self.lm_head(hidden_BSD)
+            if labels is not None:
+                loss = F.cross_entropy(
+                    logits_BSV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits_BSV.device),
+                    ignore_index=IGNORE_INDEX,
+                )
         return ZayaOutput(
             logits=logits_BSV,
             loss=loss,
