@@ -9,6 +9,32 @@ import torch
 from torch import nn
 
 
+class _RMSNorm(torch.autograd.Function):
+    """y = w * (x / rms(x)), statistics in fp32. Saves x and 1/rms only; the backward is the closed form
+    dx = (g*w - xhat * mean(g*w*xhat)) / rms, far fewer passes than autograd's chain of elementwise ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd
+        grad_y = grad_y.float()
+        grad_weight = (grad_y * xhat).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_xhat = grad_y * weight.float()
+        grad_x = rstd * (grad_xhat - xhat * (grad_xhat * xhat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNorm.apply(x, weight, eps)
+
+
 class ZayaRMSNorm(nn.Module):
     """RMSNorm with fp32 statistics; the output is cast to the weight's dtype (the compute dtype)."""
 
@@ -18,9 +44,40 @@ class ZayaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(self.weight.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+class _ResidualScaling(torch.autograd.Function):
+    """(h + b_h) * s_h + (r + b_r) * s_r in fp32; saves only h and r."""
+
+    @staticmethod
+    def forward(ctx, hidden, residual, h_bias, h_scale, r_bias, r_scale):
+        ctx.save_for_backward(hidden, residual, h_bias, h_scale, r_bias, r_scale)
+        return (hidden.float() + h_bias) * h_scale + (residual + r_bias) * r_scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, residual, h_bias, h_scale, r_bias, r_scale = ctx.saved_tensors
+        grad_out = grad_out.float()
+        grad_flat = grad_out.flatten(0, -2)
+        grad_sum = grad_flat.sum(0)
+        grad_h_scale = (grad_flat * (hidden.float() + h_bias).flatten(0, -2)).sum(0)
+        grad_r_scale = (grad_flat * (residual.float() + r_bias).flatten(0, -2)).sum(0)
+        return (
+            (grad_out * h_scale).to(hidden.dtype),
+            (grad_out * r_scale).to(residual.dtype),
+            (grad_sum * h_scale).to(h_bias.dtype),
+            grad_h_scale.to(h_scale.dtype),
+            (grad_sum * r_scale).to(r_bias.dtype),
+            grad_r_scale.to(r_scale.dtype),
+        )
+
+
+def scale_residual(
+    hidden: torch.Tensor, residual: torch.Tensor, h_bias: torch.Tensor, h_scale: torch.Tensor, r_bias: torch.Tensor,
+    r_scale: torch.Tensor,
+) -> torch.Tensor:
+    return _ResidualScaling.apply(hidden, residual, h_bias, h_scale, r_bias, r_scale)
 
 
 class ZayaResidualScaling(nn.Module):
@@ -34,8 +91,10 @@ class ZayaResidualScaling(nn.Module):
         self.residual_bias = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, hidden_BSD: torch.Tensor, residual_BSD: torch.Tensor) -> torch.Tensor:
-        hidden_BSD = (hidden_BSD.float() + self.hidden_states_bias) * self.hidden_states_scale
-        return hidden_BSD + (residual_BSD + self.residual_bias) * self.residual_scale
+        return scale_residual(
+            hidden_BSD, residual_BSD, self.hidden_states_bias, self.hidden_states_scale, self.residual_bias,
+            self.residual_scale,
+        )
 
 
 def rope_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
