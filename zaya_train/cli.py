@@ -1,0 +1,176 @@
+"""The `zaya-train` command: Hydra recipes for pretraining, SFT and export.
+
+    zaya-train                                         # the default recipe: nano, on the CPU, in minutes
+    zaya-train recipe=pretrain data.path=corpus.jsonl model=small trainer.max_steps=2000
+    zaya-train recipe=export checkpoint=runs/nano/... out=exports/nano
+    zaya-train -m recipe=nano optim.lr=1e-3,3e-3       # a sweep: one job per value
+    torchrun --nproc_per_node=2 -m zaya_train recipe=nano deepspeed=zero2
+
+Recipes live in `recipes/`, config groups in `conf/` (model, data, optim, deepspeed, trainer, logging). Every key
+is typed (zaya_train/train/config.py): an unknown key, a wrong type or an impossible value stops the command
+before anything is built, with one line naming the key and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR / "conf"
+RECIPES_DIR = PACKAGE_DIR / "recipes"
+DEFAULT_RECIPE = "nano"
+# Dataclass names in messages from the config dataclasses, and the keys users type for them.
+_KEY_PREFIXES = {
+    "OptimConfig.": "optim.", "ScheduleConfig.": "schedule.", "BalancerConfig.": "balancer.", "WandbConfig.": "wandb.",
+}
+
+
+def recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from zaya_train.train.config import RunConfig
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def one_line(error: BaseException) -> str:
+    """The key and the first line of the message, from the first error in the chain that names a key."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException) and getattr(seen, "full_key", None):
+            message = str(seen).splitlines()[0]
+            return f"{seen.full_key}: {message}"
+        seen = seen.__cause__ or seen.__context__
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    for name, key in _KEY_PREFIXES.items():
+        message = message.replace(name, key)
+    return message
+
+
+def _first_sweep_values(overrides: list[str]) -> list[str]:
+    """A sweep (`a=1,2`) replaced by its first value, so one job's config can be checked before Hydra starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    out = []
+    for override, text in zip(parsed, overrides):
+        if override.is_sweep_override():
+            first = next(iter(override.sweep_string_iterator()))
+            out.append(f"{override.get_key_element()}={first}")
+        else:
+            out.append(text)
+    return out
+
+
+def to_run_config(cfg: DictConfig):
+    from zaya_train.train.config import ConfigError, RunConfig, validate
+
+    try:
+        run_cfg = OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(one_line(err)) from err
+    assert isinstance(run_cfg, RunConfig)
+    validate(run_cfg)
+    return run_cfg
+
+
+def check_config(recipe: str, overrides: list[str]) -> None:
+    """Composes and validates the config of `recipe` with `overrides` (first sweep values); raises ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from zaya_train.train.config import ConfigError
+
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
+            cfg = compose(
+                config_name=recipe, overrides=_first_sweep_values(overrides) + [f"hydra.searchpath=[file://{CONF_DIR}]"]
+            )
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(one_line(err)) from err
+    to_run_config(cfg)
+
+
+def _task(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from zaya_train.train.config import ConfigError
+
+    try:
+        run_cfg = to_run_config(cfg)
+    except ConfigError as err:
+        print(f"zaya-train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir if hydra_cfg.mode == RunMode.MULTIRUN else run_cfg.run_dir)
+    if run_cfg.recipe == "export":
+        from zaya_train.train.export import export_checkpoint
+
+        out = export_checkpoint(run_cfg.checkpoint, run_cfg.out)
+        print(f"zaya-train: wrote an HF zaya checkpoint and its tokenizer to {out}")
+        return
+    from zaya_train.train.trainer import train
+
+    try:
+        summary = train(run_cfg, run_dir)
+    except ConfigError as err:
+        print(f"zaya-train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"zaya-train: {run_cfg.recipe} stopped at step {summary['step']} ({summary['reason']}), "
+              f"loss {summary['loss']:.4f}; outputs in {run_dir}")
+
+
+def _quiet_other_ranks() -> None:
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import hydra
+
+    from zaya_train.train.config import ConfigError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    recipe = DEFAULT_RECIPE
+    rest = []
+    for arg in args:
+        if arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if recipe not in recipes():
+        print(f"zaya-train: error: recipe: unknown recipe {recipe!r}, expected one of {recipes()}", file=sys.stderr)
+        raise SystemExit(2)
+    _register_schema()
+    _quiet_other_ranks()
+    overrides = [a for a in rest if not a.startswith("-")]
+    informational = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") for a in rest)
+    if not informational:
+        try:
+            check_config(recipe, overrides)
+        except ConfigError as err:
+            print(f"zaya-train: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+    sys.argv = [sys.argv[0], *rest, f"hydra.searchpath=[file://{CONF_DIR}]"]
+    hydra.main(version_base=None, config_path=str(RECIPES_DIR), config_name=recipe)(_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The run's tokenizer and packed training windows, built from `DataConfig` (see zaya_train/data for each step).
+
+Rank 0 builds a tokenizer that needs building (BPE trained on the run's own data) and saves it to
+`run_dir/tokenizer`; the other ranks wait and load it, so every rank encodes identically. Window building is
+deterministic, so every rank packs the same windows and the loader takes each rank's slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from zaya_train.data import (
+    NANO_CHARS,
+    ChainSumConfig,
+    ChainSumDataset,
+    PackedWindow,
+    PackStats,
+    PretrainPackConfig,
+    SourceConfig,
+    SourceStats,
+    WindowArrays,
+    char_tokenizer,
+    iter_records,
+    load_tokenizer,
+    pack_pretrain,
+    pack_sft,
+    tokenize_chat,
+    train_bpe,
+    trim_conversations,
+)
+from zaya_train.train.config import ConfigError, DataConfig
+
+WindowSource = Sequence[PackedWindow] | Callable[[], Iterable[PackedWindow]]
+
+
+@dataclass
+class TrainingData:
+    tokenizer: Any
+    windows: WindowSource
+    # Counts worth a look before a long run: malformed rows skipped, samples trimmed or dropped, padding.
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _source(cfg: DataConfig, kind: str) -> SourceConfig:
+    return SourceConfig(
+        path=cfg.path,
+        hub_name=cfg.hub_name,
+        split=cfg.split,
+        kind=kind,
+        format=cfg.format,
+        text_field=cfg.text_field,
+        messages_field=cfg.messages_field,
+        streaming=cfg.streaming,
+    )
+
+
+def build_tokenizer(cfg: DataConfig, run_dir: Path, rank: int) -> Any:
+    saved = run_dir / "tokenizer"
+    if cfg.tokenizer == "char":
+        tokenizer = char_tokenizer(NANO_CHARS)
+    elif cfg.tokenizer == "bpe":
+        if not saved.is_dir():
+            if rank == 0:
+                kind = "chat" if cfg.kind == "sft" else "text"
+                records = iter_records(_source(cfg, kind))
+                texts = (
+                    r["text"] if kind == "text" else "\n".join(m["content"] for m in r["messages"])
+                    for r in records
+                )
+                train_bpe(texts=texts, vocab_size=cfg.bpe_vocab_size).save_pretrained(saved)
+            _barrier()
+        return load_tokenizer(saved)
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    if rank == 0 and not saved.is_dir():
+        tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def build_training_data(cfg: DataConfig, run_dir: Path, seed: int, rank: int) -> TrainingData:
+    tokenizer = build_tokenizer(cfg, run_dir, rank)
+    if cfg.kind == "chain_sum":
+        if cfg.tokenizer != "char":
+            raise ConfigError(
+                f"data.tokenizer: the chain_sum task uses the char tokenizer, got {cfg.tokenizer!r}"
+            )
+        windows = ChainSumDataset(ChainSumConfig(), tokenizer, size=cfg.num_samples, seed=seed)
+        if len(windows[0].input_ids) != cfg.seq_len:
+            raise ConfigError(
+                f"data.seq_len: chain_sum windows are {len(windows[0].input_ids)} tokens, got {cfg.seq_len}"
+            )
+        return TrainingData(tokenizer, windows)
+
+    source_stats = SourceStats()
+    if cfg.kind == "pretrain":
+        pack_cfg = PretrainPackConfig(
+            seq_len=cfg.seq_len,
+            bos_id=tokenizer.bos_token_id,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+        )
+        pack_stats = PackStats()
+
+        def documents() -> Iterable[list[int]]:
+            for record in iter_records(_source(cfg, "text"), source_stats):
+                yield tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+
+        if cfg.streaming:
+            return TrainingData(tokenizer, lambda: pack_pretrain(documents(), pack_cfg))
+        windows = WindowArrays.from_windows(pack_pretrain(documents(), pack_cfg, pack_stats))
+        stats = {
+            **_prefixed("data/source", source_stats.as_dict()),
+            **_prefixed("data/pack", pack_stats.as_dict()),
+        }
+    else:
+        chats = [r["messages"] for r in iter_records(_source(cfg, "chat"), source_stats)]
+        trim_stats = {}
+        if cfg.ap_trim:
+            chats, trim = trim_conversations(chats, tokenizer, max_tokens=cfg.seq_len)
+            trim_stats = _prefixed("data/trim", trim.as_dict())
+        packed, pack_stats = pack_sft(
+            [tokenize_chat(c, tokenizer) for c in chats], cfg.seq_len, tokenizer.pad_token_id
+        )
+        windows = WindowArrays.from_windows(packed)
+        stats = {
+            **_prefixed("data/source", source_stats.as_dict()),
+            **trim_stats,
+            **_prefixed("data/pack", pack_stats.as_dict()),
+        }
+    if len(windows) == 0:
+        raise ConfigError(
+            f"data.path: no training windows could be built from {cfg.path or cfg.hub_name} ({stats})"
+        )
+    return TrainingData(tokenizer, windows, stats)
+
+
+def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, int]:
+    return {f"{prefix}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
