@@ -128,9 +128,10 @@ def _task(cfg: DictConfig) -> None:
         raise SystemExit(2) from err
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if dist.get_rank() == 0:
         print(f"zaya-train: {run_cfg.recipe} stopped at step {summary['step']} ({summary['reason']}), "
               f"loss {summary['loss']:.4f}; outputs in {run_dir}")
+    dist.destroy_process_group()
 
 
 def _quiet_other_ranks() -> None:

@@ -43,6 +43,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_SOLO = "ZAYA_TRAIN_SOLO_PROCESS"
+
+
 def init_distributed() -> DistInfo:
     """Joins the torchrun process group, or forms a group of one for a plain `zaya-train` process."""
     if "RANK" not in os.environ:

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,9 @@ def _initial_model(cfg: RunConfig, model_config, device: torch.device) -> ZayaFo
     return model
 
 
-def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """Runs the configured training; returns a summary (final step, last loss, why it stopped)."""
+def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Runs the configured training; returns a summary (final step, last loss, why it stopped). `on_finish` is
+    called with the DeepSpeed engine once training ends (e.g. to inspect or export the live model)."""
     info: DistInfo = init_distributed()
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +233,10 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         if progress is not None:
             progress.close()
         metrics.close()
+    if on_finish is not None:
+        on_finish(engine)
+    # No rank leaves while another may still be in a collective (gloo aborts a peer whose partner is gone).
+    dist.barrier()
     if info.rank == 0:
         log.info("stopped at step %d (%s), last loss %.4f", state["step"], reason, last_loss)
     return {"step": state["step"], "loss": last_loss, "reason": reason}

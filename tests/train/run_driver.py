@@ -1,0 +1,99 @@
+"""Runs one training job through the Python API and reports what the tests check (run under torchrun or alone).
+
+    python tests/train/run_driver.py RESULT.json recipe=nano key=value ...
+
+Writes RESULT.json from rank 0: the summary, and the largest difference between any two ranks' parameters and
+balancing biases at the end (gathered in full under ZeRO-3). Fault injection for the resume tests:
+ZAYA_TEST_SIGTERM_AT_STEP=k sends this process SIGTERM once step k is logged; ZAYA_TEST_SIGKILL_IN_CHECKPOINT=n
+kills it with SIGKILL in the middle of writing its n-th checkpoint.
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from zaya_train.cli import CONF_DIR, RECIPES_DIR, _register_schema, to_run_config
+from zaya_train.train import checkpoint, metrics
+
+
+def compose(recipe: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
+        cfg = hydra_compose(config_name=recipe, overrides=overrides + [f"hydra.searchpath=[file://{CONF_DIR}]"])
+    return to_run_config(cfg)
+
+
+def rank_spread(engine) -> dict[str, float]:
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        flat = torch.cat([p.detach().float().flatten() for p in params])
+    biases = torch.cat([r.balancing_biases.detach().float() for r in module.routers()])
+    spread = {}
+    for name, local in (("params", flat), ("biases", biases)):
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        spread[f"max_{name}_diff"] = max(float((g - gathered[0]).abs().max()) for g in gathered)
+    # The expert biases start at 0; the balancer must have moved them (the skip class stays at -1).
+    expert_biases = torch.stack([r.balancing_biases[:-1].detach() for r in module.routers()])
+    spread["biases_moved"] = bool((expert_biases != 0).any())
+    return spread
+
+
+def inject_faults() -> None:
+    sigterm_at = int(os.environ.get("ZAYA_TEST_SIGTERM_AT_STEP", "0"))
+    if sigterm_at:
+        log = metrics.MetricsSink.log
+
+        def log_then_signal(self, step, loss, values=None):
+            log(self, step, loss, values)
+            if step == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        metrics.MetricsSink.log = log_then_signal
+    kill_in = int(os.environ.get("ZAYA_TEST_SIGKILL_IN_CHECKPOINT", "0"))
+    if kill_in:
+        rng_state = checkpoint.rng_state
+        calls = []
+
+        def rng_state_then_kill():
+            calls.append(1)
+            if len(calls) == kill_in:  # DeepSpeed's files are written, ours are not, nothing is renamed yet
+                os.kill(os.getpid(), signal.SIGKILL)
+            return rng_state()
+
+        checkpoint.rng_state = rng_state_then_kill
+
+
+def main() -> None:
+    result_path, *args = sys.argv[1:]
+    recipe = "nano"
+    overrides = []
+    for arg in args:
+        if arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    _register_schema()
+    cfg = compose(recipe, overrides)
+    inject_faults()
+    from zaya_train.train.trainer import train
+
+    report = {}
+    summary = train(cfg, Path(cfg.run_dir), on_finish=lambda engine: report.update(rank_spread(engine)))
+    if dist.get_rank() == 0:
+        Path(result_path).write_text(json.dumps({**summary, **report}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
