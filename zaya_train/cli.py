@@ -13,6 +13,7 @@ before anything is built, with one line naming the key and exit code 2.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 from pathlib import Path
@@ -106,6 +107,7 @@ def _task(cfg: DictConfig) -> None:
 
     from zaya_train.train.config import ConfigError
 
+    _console_logging()
     try:
         run_cfg = to_run_config(cfg)
     except ConfigError as err:
@@ -131,14 +133,21 @@ def _task(cfg: DictConfig) -> None:
     if dist.get_rank() == 0:
         print(f"zaya-train: {run_cfg.recipe} stopped at step {summary['step']} ({summary['reason']}), "
               f"loss {summary['loss']:.4f}; outputs in {run_dir}")
-    dist.destroy_process_group()
 
 
-def _quiet_other_ranks() -> None:
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _console_logging() -> None:
+    """After Hydra has set up logging: our INFO lines on rank 0 only; other libraries' warnings and up."""
     import os
 
-    if int(os.environ.get("RANK", "0")) != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("zaya_train").setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -160,7 +169,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"zaya-train: error: recipe: unknown recipe {recipe!r}, expected one of {recipes()}", file=sys.stderr)
         raise SystemExit(2)
     _register_schema()
-    _quiet_other_ranks()
     overrides = [a for a in rest if not a.startswith("-")]
     informational = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") for a in rest)
     if not informational:
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         except ConfigError as err:
             print(f"zaya-train: error: {err}", file=sys.stderr)
             raise SystemExit(2) from err
+    atexit.register(_destroy_process_group)
     sys.argv = [sys.argv[0], *rest, f"hydra.searchpath=[file://{CONF_DIR}]"]
     hydra.main(version_base=None, config_path=str(RECIPES_DIR), config_name=recipe)(_task)()
 

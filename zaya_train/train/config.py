@@ -1,8 +1,8 @@
 """The typed run configuration behind the `zaya-train` Hydra app (registered in Hydra's ConfigStore as `run_schema`).
 
 Every key a recipe or a command line can set is a field here, so Hydra rejects an unknown key or a wrong type
-before anything runs, and `validate()` rejects impossible values (ZeRO stage 7, negative steps, a missing data
-file), naming the key.
+before anything runs, and each section rejects impossible values when it is built (ZeRO stage 7, negative
+steps, a missing data file), naming the key.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 class ConfigError(ValueError):
     """A user mistake in the run configuration; the message names the key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass
@@ -50,6 +55,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Initial weights: an HF `zaya` directory, a trainer checkpoint or a run directory (its latest checkpoint).
     init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}, expected one of {sorted(PRESETS)}")
+        if self.init_from is not None:
+            _require(Path(self.init_from).exists(), "model.init_from", f"{self.init_from} does not exist")
 
     def build(self, vocab_size: int, special_ids: dict[str, int | None]) -> ZayaConfig:
         overrides = {
@@ -93,6 +103,25 @@ class DataConfig:
     ap_trim: bool = True
     num_samples: int = 64_000  # chain_sum: training problems per epoch
 
+    def __post_init__(self) -> None:
+        _require(self.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}, got {self.kind!r}")
+        _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _require(self.micro_batch_size >= 1, "data.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        _require(self.num_samples >= 1, "data.num_samples", f"must be >= 1, got {self.num_samples}")
+        if self.kind != "chain_sum":
+            _require(self.path is not None or self.hub_name is not None, "data.path",
+                     f"data.kind={self.kind} needs data.path (or data.hub_name)")
+        if self.path is not None:
+            from zaya_train.data.sources import resolve_files
+
+            try:
+                resolve_files(self.path)
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"data.path: {err}") from err
+        if self.tokenizer not in ("char", "bpe"):
+            _require(Path(self.tokenizer).is_dir(), "data.tokenizer",
+                     f"must be char, bpe or a tokenizer directory, got {self.tokenizer!r}")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -102,6 +131,12 @@ class DeepSpeedConfig:
     gradient_clipping: float = 1.0
     # Extra DeepSpeed JSON keys merged over the generated config (e.g. {"zero_optimization": {...}}).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(self.precision in PRECISIONS, "deepspeed.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _require(self.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps", "must be >= 1")
+        _require(self.gradient_clipping >= 0, "deepspeed.gradient_clipping", "must be >= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -114,6 +149,19 @@ class TrainerConfig:
     max_nonfinite_in_row: int = 5
     progress_bar: bool = True
     peak_flops: float | None = None  # per device, for MFU; None looks the device up
+    # chain_sum runs: held-out problems decoded at the end (greedy and temperature-1 accuracy); 0 skips it.
+    eval_problems: int = 200
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 0, "trainer.max_steps", f"must be >= 0, got {self.max_steps}")
+        _require(self.save_interval >= 1, "trainer.save_interval", f"must be >= 1, got {self.save_interval}")
+        _require(self.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {self.keep_last}")
+        _require(self.log_interval >= 1, "trainer.log_interval", f"must be >= 1, got {self.log_interval}")
+        _require(self.max_nonfinite_in_row >= 1, "trainer.max_nonfinite_in_row", "must be >= 1")
+        _require(self.resume in ("auto", "none") or Path(self.resume).exists(), "trainer.resume",
+                 f"must be auto, none or an existing checkpoint path, got {self.resume!r}")
+        _require(self.peak_flops is None or self.peak_flops > 0, "trainer.peak_flops", "must be > 0")
+        _require(self.eval_problems >= 0, "trainer.eval_problems", f"must be >= 0, got {self.eval_problems}")
 
 
 @dataclass
@@ -121,12 +169,14 @@ class RunConfig:
     recipe: str = "nano"
     run_dir: str = "runs/${recipe}/${now:%Y%m%d-%H%M%S}"
     seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # Sections are built (and checked) in this order: the keys users type come before the ones that copy them
+    # by interpolation (schedule.total_steps: ${trainer.max_steps}), so an error names the key that was typed.
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw"))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # recipe=export
@@ -134,73 +184,9 @@ class RunConfig:
     out: str | None = None
 
 
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
-
-
 def validate(cfg: RunConfig) -> None:
-    """Checks values no type can express. Raises ConfigError naming the key."""
-    _require(
-        cfg.model.preset in PRESETS,
-        "model.preset",
-        f"unknown preset {cfg.model.preset!r}, expected one of {sorted(PRESETS)}",
-    )
+    """Checks across sections (each section checks its own values when built). Raises ConfigError."""
     if cfg.recipe == "export":
-        _require(
-            cfg.checkpoint is not None,
-            "checkpoint",
-            "recipe=export needs checkpoint=PATH (a run directory or a checkpoint)",
-        )
+        _require(cfg.checkpoint is not None, "checkpoint", "recipe=export needs checkpoint=PATH (a run directory or a checkpoint)")
         _require(cfg.out is not None, "out", "recipe=export needs out=PATH")
         _require(Path(cfg.checkpoint).exists(), "checkpoint", f"{cfg.checkpoint} does not exist")
-        return
-    t, ds, data = cfg.trainer, cfg.deepspeed, cfg.data
-    _require(
-        ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {ds.zero_stage}"
-    )
-    _require(
-        ds.precision in PRECISIONS,
-        "deepspeed.precision",
-        f"must be one of {PRECISIONS}, got {ds.precision!r}",
-    )
-    _require(ds.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps", "must be >= 1")
-    _require(ds.gradient_clipping >= 0, "deepspeed.gradient_clipping", "must be >= 0 (0 disables clipping)")
-    _require(t.max_steps >= 0, "trainer.max_steps", f"must be >= 0, got {t.max_steps}")
-    _require(t.save_interval >= 1, "trainer.save_interval", f"must be >= 1, got {t.save_interval}")
-    _require(t.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {t.keep_last}")
-    _require(t.log_interval >= 1, "trainer.log_interval", f"must be >= 1, got {t.log_interval}")
-    _require(t.max_nonfinite_in_row >= 1, "trainer.max_nonfinite_in_row", "must be >= 1")
-    _require(
-        t.resume in ("auto", "none") or Path(t.resume).exists(),
-        "trainer.resume",
-        f"must be auto, none or an existing checkpoint path, got {t.resume!r}",
-    )
-    _require(data.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}, got {data.kind!r}")
-    _require(data.seq_len >= 2, "data.seq_len", f"must be >= 2, got {data.seq_len}")
-    _require(
-        data.micro_batch_size >= 1, "data.micro_batch_size", f"must be >= 1, got {data.micro_batch_size}"
-    )
-    if data.kind != "chain_sum":
-        _require(
-            data.path is not None or data.hub_name is not None,
-            "data.path",
-            f"data.kind={data.kind} needs data.path (or data.hub_name)",
-        )
-        if data.path is not None:
-            from zaya_train.data.sources import resolve_files
-
-            try:
-                resolve_files(data.path)
-            except (FileNotFoundError, ValueError) as err:
-                raise ConfigError(f"data.path: {err}") from err
-    if data.tokenizer not in ("char", "bpe"):
-        _require(
-            Path(data.tokenizer).is_dir(),
-            "data.tokenizer",
-            f"must be char, bpe or a tokenizer directory, got {data.tokenizer!r}",
-        )
-    if cfg.model.init_from is not None:
-        _require(
-            Path(cfg.model.init_from).exists(), "model.init_from", f"{cfg.model.init_from} does not exist"
-        )

@@ -43,11 +43,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-_SOLO = "ZAYA_TRAIN_SOLO_PROCESS"
-
-
 def init_distributed() -> DistInfo:
-    """Joins the torchrun process group, or forms a group of one for a plain `zaya-train` process."""
+    """Joins the torchrun process group, or forms a group of one for a plain `zaya-train` process. The group
+    lives as long as the process: the jobs of a sweep (-m) run one after another in it (DeepSpeed keeps
+    references to the group, so it cannot be torn down and rebuilt between jobs)."""
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0",

@@ -229,6 +229,8 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
             if stopping:
                 reason = f"signal {signal.Signals(stop.received).name if stop.received else 'on another rank'}"
                 break
+        if reason == "max_steps" and cfg.data.kind == "chain_sum" and cfg.trainer.eval_problems:
+            _evaluate(cfg, engine, tokenizer, state["step"], last_loss, metrics, info)
     finally:
         if progress is not None:
             progress.close()
@@ -240,6 +242,19 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
     if info.rank == 0:
         log.info("stopped at step %d (%s), last loss %.4f", state["step"], reason, last_loss)
     return {"step": state["step"], "loss": last_loss, "reason": reason}
+
+
+def _evaluate(cfg: RunConfig, engine, tokenizer, step: int, loss: float, metrics: MetricsSink, info: DistInfo) -> None:
+    if cfg.deepspeed.zero_stage == 3:
+        log.info("end-of-run evaluation skipped: ZeRO-3 partitions the weights (export, then evaluate)")
+        return
+    if info.rank == 0:
+        from zaya_train.train.evaluate import evaluate_chain_sum
+
+        results = evaluate_chain_sum(engine.module, tokenizer, cfg.trainer.eval_problems, seed=cfg.seed)
+        metrics.log(step, loss, {**results, "event": "eval"})
+        log.info("held-out chain sums: greedy accuracy %.3f, temperature-1 accuracy %.3f",
+                 results["eval/greedy_accuracy"], results["eval/sampled_accuracy"])
 
 
 def _save(run_dir: Path, cfg: RunConfig, engine, state: dict[str, Any], loader, balancer, info: DistInfo) -> None:

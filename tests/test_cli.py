@@ -1,0 +1,78 @@
+"""The `zaya-train` command: bad configs fail fast naming the key; sweeps; export to transformers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from zaya_train.cli import _register_schema, check_config
+from zaya_train.hf import load_pretrained
+from zaya_train.train.config import ConfigError
+
+FAST = ["trainer.progress_bar=false", "wandb.mode=disabled", "schedule.warmup_steps=1", "data.micro_batch_size=8"]
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, "-m", "zaya_train", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "key"),
+    [
+        ("nano", ["trainer.max_stepz=3"], "trainer.max_stepz"),
+        ("nano", ["trainer.max_steps=many"], "trainer.max_steps"),
+        ("nano", ["deepspeed.zero_stage=7"], "deepspeed.zero_stage"),
+        ("nano", ["trainer.max_steps=-1"], "trainer.max_steps"),
+        ("nano", ["optim.lr=-1"], "optim.lr"),
+        ("nano", ["model=huge"], "model"),
+        ("pretrain", [], "data.path"),
+        ("pretrain", ["data.path=/nonexistent/corpus.jsonl"], "data.path"),
+        ("export", ["out=/tmp/x"], "checkpoint"),
+    ],
+)
+def test_bad_config_names_the_key(recipe, overrides, key):
+    _register_schema()
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_config(recipe, overrides)
+
+
+def test_cli_fails_fast_with_one_line(tmp_path):
+    proc = cli("deepspeed.zero_stage=7", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["zaya-train: error: deepspeed.zero_stage: must be 0, 1, 2 or 3, got 7"]
+    assert not (tmp_path / "run").exists(), "nothing runs, nothing is written"
+    unknown = cli("recipe=nope", cwd=tmp_path)
+    assert unknown.returncode == 2 and "recipe" in unknown.stderr
+
+
+def test_sweep_runs_one_job_per_value(tmp_path):
+    proc = cli("-m", "trainer.max_steps=2,3", "trainer.save_interval=10", *FAST, f"run_dir={tmp_path / 'sweep'}",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, steps in (("0", 2), ("1", 3)):
+        rows = [json.loads(line) for line in (tmp_path / "sweep" / job / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == steps
+
+
+def test_train_then_export_loads_in_transformers(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "hf"
+    trained = cli("trainer.max_steps=3", "trainer.save_interval=3", *FAST, f"run_dir={run_dir}", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = cli("recipe=export", f"checkpoint={run_dir}", f"out={out}", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                       "tokenizer_config.json"]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = load_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer("Q12+34=", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
+    biases = [r.balancing_biases[:-1] for r in ours.routers()]
+    assert any(bool((b != 0).any()) for b in biases), "trained balancing biases travel with the export"
