@@ -22,13 +22,13 @@ import time
 import torch
 import transformers
 
+from zaya_train.hf import transformers_config
 from zaya_train.model import ZayaForCausalLM, preset
 from zaya_train.rollout import RolloutEngine
 
 
 def hf_twin(model: ZayaForCausalLM) -> transformers.ZayaForCausalLM:
-    fields = {k: v for k, v in model.config.to_hf_dict().items() if k not in ("model_type", "architectures")}
-    twin = transformers.ZayaForCausalLM(transformers.ZayaConfig(**fields)).eval()
+    twin = transformers.ZayaForCausalLM(transformers_config(model.config)).eval()
     twin.load_state_dict(model.state_dict(), strict=True)
     return twin
 

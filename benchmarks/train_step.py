@@ -45,6 +45,7 @@ def worker(regime: str, impl: str, steps: int, warmup: int) -> dict:
     import torch
     import transformers
 
+    from zaya_train.hf import transformers_config
     from zaya_train.model import ZayaForCausalLM, preset
 
     torch.manual_seed(0)
@@ -52,8 +53,7 @@ def worker(regime: str, impl: str, steps: int, warmup: int) -> dict:
     config = preset(name)
     ours = ZayaForCausalLM(config)
     if impl == "hf":
-        fields = {k: v for k, v in config.to_hf_dict().items() if k not in ("model_type", "architectures")}
-        model = transformers.ZayaForCausalLM(transformers.ZayaConfig(**fields))
+        model = transformers.ZayaForCausalLM(transformers_config(config))
         model.load_state_dict(ours.state_dict())
         del ours
     else:

@@ -30,6 +30,16 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
+def transformers_config(config: ZayaConfig):
+    """The `transformers.ZayaConfig` equal to ours (training-only fields dropped)."""
+    import transformers
+
+    fields = {k: v for k, v in config.to_hf_dict().items() if k not in ("model_type", "architectures")}
+    hf_config = transformers.ZayaConfig(**fields)
+    hf_config.architectures = ["ZayaForCausalLM"]
+    return hf_config
+
+
 def export_state_dict(model: ZayaForCausalLM) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.tie_word_embeddings:
@@ -43,13 +53,9 @@ def save_pretrained(
     """Writes an HF `zaya` checkpoint that `transformers.AutoModelForCausalLM.from_pretrained` loads natively.
 
     `dtype` casts floating-point weights (the balancing biases stay fp32). Returns the directory."""
-    import transformers
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    hf_fields = {k: v for k, v in model.config.to_hf_dict().items() if k not in ("model_type", "architectures")}
-    hf_config = transformers.ZayaConfig(**hf_fields)
-    hf_config.architectures = ["ZayaForCausalLM"]
+    hf_config = transformers_config(model.config)
     state = export_state_dict(model)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() and not k.endswith("balancing_biases") else v for k, v in state.items()}

@@ -3,19 +3,15 @@
 import torch
 import transformers
 
+from zaya_train.hf import transformers_config
 from zaya_train.model import ZayaConfig, ZayaForCausalLM
-
-
-def hf_config(config: ZayaConfig) -> transformers.ZayaConfig:
-    fields = {k: v for k, v in config.to_hf_dict().items() if k not in ("model_type", "architectures")}
-    return transformers.ZayaConfig(**fields)
 
 
 @torch.no_grad()
 def randomized_hf_model(config: ZayaConfig, std: float = 0.3, bias_std: float = 0.2) -> transformers.ZayaForCausalLM:
     """An HF model with every parameter random (HF's init leaves `temp` at 0, which would hide attention bugs)
     and random balancing biases, skip class included."""
-    model = transformers.ZayaForCausalLM(hf_config(config)).eval()
+    model = transformers.ZayaForCausalLM(transformers_config(config)).eval()
     for param in model.parameters():
         param.normal_(0.0, std)
     for name, buf in model.named_buffers():
