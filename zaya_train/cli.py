@@ -121,13 +121,16 @@ def _task(cfg: DictConfig) -> None:
         out = export_checkpoint(run_cfg.checkpoint, run_cfg.out)
         print(f"zaya-train: wrote an HF zaya checkpoint and its tokenizer to {out}")
         return
-    from zaya_train.train.trainer import train
+    from zaya_train.train.trainer import TrainingDiverged, train
 
     try:
         summary = train(run_cfg, run_dir)
     except ConfigError as err:
         print(f"zaya-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    except TrainingDiverged as err:
+        print(f"zaya-train: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

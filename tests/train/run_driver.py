@@ -5,7 +5,8 @@
 Writes RESULT.json from rank 0: the summary, and the largest difference between any two ranks' parameters and
 balancing biases at the end (gathered in full under ZeRO-3). Fault injection for the resume tests:
 ZAYA_TEST_SIGTERM_AT_STEP=k sends this process SIGTERM once step k is logged; ZAYA_TEST_SIGKILL_IN_CHECKPOINT=n
-kills it with SIGKILL in the middle of writing its n-th checkpoint.
+kills it with SIGKILL in the middle of writing its n-th checkpoint; ZAYA_TEST_NAN_LOSS_STEPS=3,4 makes the loss
+NaN at those optimizer steps (one micro-batch each, gradient accumulation 1).
 """
 
 import json
@@ -74,6 +75,26 @@ def inject_faults() -> None:
         checkpoint.rng_state = rng_state_then_kill
 
 
+def inject_nan_losses() -> None:
+    steps = {int(s) for s in os.environ.get("ZAYA_TEST_NAN_LOSS_STEPS", "").split(",") if s}
+    if not steps:
+        return
+    from zaya_train.model import ZayaForCausalLM
+
+    forward = ZayaForCausalLM.forward
+    calls = []
+
+    def forward_with_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training and out.loss is not None:
+            calls.append(1)
+            if len(calls) in steps:
+                out.loss = out.loss * float("nan")
+        return out
+
+    ZayaForCausalLM.forward = forward_with_nan
+
+
 def main() -> None:
     result_path, *args = sys.argv[1:]
     recipe = "nano"
@@ -86,10 +107,14 @@ def main() -> None:
     _register_schema()
     cfg = compose(recipe, overrides)
     inject_faults()
-    from zaya_train.train.trainer import train
+    inject_nan_losses()
+    from zaya_train.train.trainer import TrainingDiverged, train
 
     report = {}
-    summary = train(cfg, Path(cfg.run_dir), on_finish=lambda engine: report.update(rank_spread(engine)))
+    try:
+        summary = train(cfg, Path(cfg.run_dir), on_finish=lambda engine: report.update(rank_spread(engine)))
+    except TrainingDiverged as err:
+        summary = {"diverged": str(err)}
     if dist.get_rank() == 0:
         Path(result_path).write_text(json.dumps({**summary, **report}))
     dist.destroy_process_group()
