@@ -112,7 +112,7 @@ class ExpertBiasBalancer:
         if self.num_accumulated == 0:
             raise RuntimeError("ExpertBiasBalancer.step() called with no accumulate() since the last step")
         counts_LX = self.counts_LX
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             dist.all_reduce(counts_LX, op=dist.ReduceOp.SUM, group=self.process_group)
         routed_LE = counts_LX[:, : self.num_experts].double()
         total_L1 = routed_LE.sum(dim=1, keepdim=True)

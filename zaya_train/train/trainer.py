@@ -54,19 +54,25 @@ class _StopSignal:
         self.received = signum
 
 
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _any_rank(flag: bool, device: torch.device) -> bool:
+    if not _distributed():
+        return flag
     value = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return float(tensor.item())
+def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """One all-reduce for several per-step numbers."""
+    if not _distributed():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 def _weights_finite(engine) -> bool:
@@ -184,9 +190,10 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
                 break
             step_skipped = not counted or skipped_steps(engine) > skipped_before
             state["step"] += 1
-            tokens_all = int(_mean_over_ranks(step_tokens, info.device) * info.world_size)
-            state["tokens"] += tokens_all
-            window_tokens += tokens_all
+            tokens_all, loss_sum, loss_count = _sum_over_ranks([step_tokens, sum(losses), len(losses)], info.device)
+            state["tokens"] += int(tokens_all)
+            window_tokens += int(tokens_all)
+            last_loss = loss_sum / loss_count if loss_count else float("nan")
             if step_skipped:
                 state["skipped_steps"] += 1
                 in_row += 1
@@ -200,7 +207,6 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
             else:
                 in_row = 0
                 router_metrics = balancer.step()
-            last_loss = _mean_over_ranks(sum(losses) / len(losses), info.device) if losses else float("nan")
 
             if state["step"] % cfg.trainer.log_interval == 0 or state["step"] == cfg.trainer.max_steps:
                 elapsed = time.perf_counter() - window_start
