@@ -101,11 +101,11 @@ def trainer(cfg, run_dir: Path) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def worker(regime: str, impl: str, steps: int, warmup: int, workdir: Path) -> dict:
+def worker(regime: str, impl: str, steps: int, warmup: int, workdir: Path, data_path: Path) -> dict:
     import torch
 
     run_dir = workdir / f"{regime}-{impl}"
-    cfg = run_config(regime, steps + warmup, run_dir, workdir / "corpus.jsonl")
+    cfg = run_config(regime, steps + warmup, run_dir, data_path)
     times = bare(cfg, run_dir, steps + warmup) if impl == "bare" else trainer(cfg, run_dir)
     seq_len = cfg.data.seq_len
     tokens = cfg.data.micro_batch_size * seq_len
@@ -137,11 +137,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: nano 30, small 6)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--worker", nargs=3, metavar=("REGIME", "IMPL", "WORKDIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("REGIME", "IMPL", "WORKDIR", "CORPUS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        regime, impl, workdir = args.worker
-        print(json.dumps(worker(regime, impl, args.steps, args.warmup, Path(workdir))))
+        regime, impl, workdir, data_path = args.worker
+        print(json.dumps(worker(regime, impl, args.steps, args.warmup, Path(workdir), Path(data_path))))
         return
 
     peak = gemm_flops()
@@ -159,8 +159,8 @@ def main() -> None:
                 for impl in ("bare", "trainer"):
                     rundir = workdir / f"r{repeat}"
                     rundir.mkdir(exist_ok=True)
-                    cmd = [sys.executable, __file__, "--worker", regime, impl, str(rundir), "--steps", str(steps),
-                           "--warmup", str(args.warmup)]
+                    cmd = [sys.executable, __file__, "--worker", regime, impl, str(rundir),
+                           str(workdir / "corpus.jsonl"), "--steps", str(steps), "--warmup", str(args.warmup)]
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
                     res = json.loads(out.strip().splitlines()[-1])
                     if impl not in best or res["seconds"] < best[impl]["seconds"]:
