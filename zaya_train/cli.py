@@ -3,6 +3,7 @@
     zaya-train                                         # the default recipe: nano, on the CPU, in minutes
     zaya-train recipe=pretrain data.path=corpus.jsonl model=small trainer.max_steps=2000
     zaya-train recipe=export checkpoint=runs/nano/... out=exports/nano
+    zaya-train recipe=eval_rsa checkpoint=runs/nano/... eval.data=nano_chain_sum rsa.t=2
     zaya-train -m recipe=nano optim.lr=1e-3,3e-3       # a sweep: one job per value
     torchrun --nproc_per_node=2 -m zaya_train recipe=nano deepspeed=zero2
 
@@ -28,6 +29,7 @@ DEFAULT_RECIPE = "nano"
 # Dataclass names in messages from the config dataclasses, and the keys users type for them.
 _KEY_PREFIXES = {
     "OptimConfig.": "optim.", "ScheduleConfig.": "schedule.", "BalancerConfig.": "balancer.", "WandbConfig.": "wandb.",
+    "RSAConfig.": "rsa.",
 }
 
 
@@ -115,6 +117,14 @@ def _task(cfg: DictConfig) -> None:
         raise SystemExit(2) from err
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir if hydra_cfg.mode == RunMode.MULTIRUN else run_cfg.run_dir)
+    if run_cfg.recipe == "eval_rsa":
+        from zaya_train.rsa.harness import PLOT_FILE, run_eval
+
+        overlay = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+        summary = run_eval(run_cfg, run_dir, overlay_dir=overlay)
+        accuracies = ", ".join(f"round {r['round']}: {r['mean_accuracy']:.3f}" for r in summary["rounds"])
+        print(f"zaya-train: Markovian RSA mean accuracy {accuracies}; {summary['results']}, {run_dir / PLOT_FILE}")
+        return
     if run_cfg.recipe == "export":
         from zaya_train.train.export import export_checkpoint
 

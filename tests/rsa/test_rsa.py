@@ -243,7 +243,7 @@ def test_results_json_has_the_exact_keys(tmp_path):
     path = write_results(result, tmp_path / "run")
     assert path == tmp_path / "run" / "rsa_results.json"
     data = json.loads(path.read_text())
-    assert data["config"]["n"] == 4 and data["config"]["final_beta"] == 20 and data["num_problems"] == 3
+    assert data["config"]["n"] == 4 and data["config"]["final_beta"] is None and data["num_problems"] == 3
     assert [r["round"] for r in data["rounds"]] == [0, 1, 2]
     required = {"mean_accuracy", "majority_accuracy", "pass_at_n", "generated_tokens", "max_prompt_tokens"}
     for row, metrics in zip(data["rounds"], result.rounds):

@@ -41,24 +41,31 @@ class RSAConfig:
     seed: int = 0
     """Seeds the generator and the choice of candidate subsets; same seed, same run."""
 
+    @property
+    def final_budget(self) -> int:
+        """The last aggregation round's budget: final_beta, or beta when unset. (Resolved here rather than
+        written back in __post_init__: as a Hydra schema default, a written-back value would outlive a
+        command-line beta.)"""
+        return self.beta if self.final_beta is None else self.final_beta
+
     def __post_init__(self) -> None:
-        if self.final_beta is None:
-            self.final_beta = self.beta
         for name in ("n", "c", "beta", "tau", "final_beta"):
             value = getattr(self, name)
+            if name == "final_beta" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise ValueError(f"RSAConfig.{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.t, int) or self.t < 0:
-            raise ValueError(f"t must be an int >= 0, got {self.t!r}")
+            raise ValueError(f"RSAConfig.t must be an int >= 0, got {self.t!r}")
         if self.c > self.n:
             raise ValueError(
-                f"c must be <= n (each prompt holds c distinct candidates), got c={self.c}, n={self.n}"
+                f"RSAConfig.c must be <= n (each prompt holds c distinct candidates), got c={self.c}, n={self.n}"
             )
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+            raise ValueError(f"RSAConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.variant != "full" and self.tau > self.beta:
             raise ValueError(
-                f"tau must be <= beta (a tail is part of one rollout), got tau={self.tau}, beta={self.beta}"
+                f"RSAConfig.tau must be <= beta (a tail is part of one rollout), got tau={self.tau}, beta={self.beta}"
             )
         if self.variant == "answer_tails" and not self.reasoning_end_ids:
-            raise ValueError("reasoning_end_ids must be set for variant 'answer_tails'")
+            raise ValueError("RSAConfig.reasoning_end_ids must be set for variant 'answer_tails'")

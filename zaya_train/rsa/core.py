@@ -237,7 +237,7 @@ def run_rsa(
                 aggregation_prompts(p, [c.token_ids for c in cands], round_idx, config, template)
                 for p, cands in zip(problems, last)
             ]
-            budget = config.final_beta if round_idx == config.t else config.beta
+            budget = config.final_budget if round_idx == config.t else config.beta
         flat_prompts = [prompt for per_problem in built for prompt, _ in per_problem]
         outputs = _generate_round(generate, flat_prompts, budget, generation_seed(config.seed, round_idx))
         population = []

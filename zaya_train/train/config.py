@@ -14,6 +14,7 @@ from typing import Any
 
 from zaya_train.model import ZayaConfig, preset
 from zaya_train.model.config import PRESETS
+from zaya_train.rsa.config import RSAConfig
 from zaya_train.train.balancer import BalancerConfig
 from zaya_train.train.metrics import WandbConfig
 from zaya_train.train.optim import OptimConfig
@@ -165,6 +166,30 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """recipe=eval_rsa: what to evaluate on and how to sample (the RSA parameters are in `rsa`)."""
+
+    # rg:<reasoning-gym task> | nano_chain_sum | a local jsonl (question, answer) | hub:<dataset name>
+    data: str = "rg:chain_sum"
+    num_problems: int = 50
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_batch_size: int = 64
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.num_problems >= 1, "eval.num_problems", f"must be >= 1, got {self.num_problems}")
+        _require(self.temperature >= 0, "eval.temperature", f"must be >= 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, "eval.top_k", f"must be >= 0, got {self.top_k}")
+        _require(self.max_batch_size >= 1, "eval.max_batch_size", f"must be >= 1, got {self.max_batch_size}")
+        special = self.data.startswith(("rg:", "hub:")) or self.data == "nano_chain_sum"
+        _require(special or Path(self.data).is_file(), "eval.data",
+                 f"must be rg:<task>, nano_chain_sum, hub:<name> or an existing jsonl file, got {self.data!r}")
+
+
+@dataclass
 class RunConfig:
     recipe: str = "nano"
     run_dir: str = "runs/${recipe}/${now:%Y%m%d-%H%M%S}"
@@ -179,14 +204,17 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    # recipe=export
+    rsa: RSAConfig = field(default_factory=RSAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # recipe=export and recipe=eval_rsa: a run directory, a trainer checkpoint (eval_rsa also: an HF directory)
     checkpoint: str | None = None
-    out: str | None = None
+    out: str | None = None  # recipe=export
 
 
 def validate(cfg: RunConfig) -> None:
     """Checks across sections (each section checks its own values when built). Raises ConfigError."""
-    if cfg.recipe == "export":
-        _require(cfg.checkpoint is not None, "checkpoint", "recipe=export needs checkpoint=PATH (a run directory or a checkpoint)")
-        _require(cfg.out is not None, "out", "recipe=export needs out=PATH")
+    if cfg.recipe in ("export", "eval_rsa"):
+        _require(cfg.checkpoint is not None, "checkpoint", f"recipe={cfg.recipe} needs checkpoint=PATH (a run directory or a checkpoint)")
         _require(Path(cfg.checkpoint).exists(), "checkpoint", f"{cfg.checkpoint} does not exist")
+    if cfg.recipe == "export":
+        _require(cfg.out is not None, "out", "recipe=export needs out=PATH")
