@@ -8,7 +8,8 @@ with our state dict), interleaved repeat by repeat, median taken. Reported per i
 - prefill tokens/s: one cached forward over the batch of prompts (logits for the last position only);
 - generate new tokens/s: batch x new tokens / wall time of a whole generate call (prefill included, EOS off);
 - decode new tokens/s: the same with the prefill time taken off.
-It also checks that both produce the same greedy tokens. The last line is `ratio=<ours / HF generate new tokens/s>`.
+It also checks that both produce the same greedy tokens, and times each round of Markovian RSA runs with T = 1..4
+on the engine (the time must grow linearly in T). The last line is `ratio=<ours / HF generate new tokens/s>`.
 
 Shape suffixes: B batch, S prompt length.
 """
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rsa-problems", type=int, default=4, help="problems for the RSA round timing (0 skips)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -104,7 +106,39 @@ def main() -> None:
         )
     same = sum(a == b for a, b in zip(tokens["ours"], tokens["hf"]))
     print(f"greedy sequences identical to HF: {same}/{args.batch}")
+    if args.rsa_problems:
+        rsa_round_times(engine, config, args)
     print(f"ratio={rates['ours'] / rates['hf']:.3f}")
+
+
+def rsa_round_times(engine: RolloutEngine, config, args) -> None:
+    """Wall time per round of Markovian RSA runs with T = 1..4 on the engine: with a bounded prompt (question +
+    C tails of tau tokens) every aggregation round costs the same, so a run's time must grow linearly in T."""
+    from zaya_train.rsa import RSAConfig, RSAProblem, TextAggregationTemplate, run_rsa
+
+    problems = [
+        RSAProblem(problem_id=i, prompt_ids=torch.randint(3, config.vocab_size, (32,)).tolist())
+        for i in range(args.rsa_problems)
+    ]
+    template = TextAggregationTemplate.from_text(lambda text: [3 + (ord(ch) % (config.vocab_size - 3)) for ch in text],
+                                                 max_candidates=4)
+    round_times: list[float] = []
+
+    def generate(prompts, max_new_tokens, seed):
+        start = time.perf_counter()
+        results = engine.generate(prompts, max_new_tokens, temperature=1.0, seed=seed, eos_token_id=[],
+                                  max_batch_size=args.batch * 4)
+        round_times.append(time.perf_counter() - start)
+        return results
+
+    print(f"Markovian RSA, {args.rsa_problems} problems, N=8 C=4 beta=64 tau=16, EOS off (every rollout 64 tokens):")
+    print(f"{'T':>3}{'total s':>10}{'s per round (round 0, 1, ...)':>40}{'total / (T + 1)':>18}")
+    for t in range(1, 5):
+        round_times.clear()
+        rsa = RSAConfig(n=8, c=4, t=t, beta=64, tau=16, seed=0)
+        run_rsa(problems, generate, lambda problem, ids: (0.0, None), rsa, template)
+        per_round = " ".join(f"{x:.2f}" for x in round_times)
+        print(f"{t:>3}{sum(round_times):>10.2f}{per_round:>40}{sum(round_times) / (t + 1):>18.2f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import transformers
 
 from zaya_train.cli import _register_schema, check_config
 from zaya_train.hf import load_pretrained
+from zaya_train.rollout import RolloutEngine
 from zaya_train.train.config import ConfigError
 
 FAST = ["trainer.progress_bar=false", "wandb.mode=disabled", "schedule.warmup_steps=1", "data.micro_batch_size=8"]
@@ -76,3 +77,7 @@ def test_train_then_export_loads_in_transformers(tmp_path):
         torch.testing.assert_close(hf_model(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
     biases = [r.balancing_biases[:-1] for r in ours.routers()]
     assert any(bool((b != 0).any()) for b in biases), "trained balancing biases travel with the export"
+    # The rollout engine reads the run directory itself (its latest trainer checkpoint) to the same weights.
+    engine = RolloutEngine.from_pretrained(run_dir)
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], tensor), name

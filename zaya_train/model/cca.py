@@ -43,6 +43,8 @@ class ZayaCCAProjection(nn.Module):
         channels = config.query_dim + config.kv_dim
         self.conv_qk_depthwise = nn.Conv1d(channels, channels, self.time0, groups=channels)
         self.conv_qk_grouped = nn.Conv1d(channels, channels, self.time1, groups=self.num_heads + self.num_kv_heads)
+        self._fused_key: tuple | None = None
+        self._fused: tuple = ()
 
     def composed_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The two convolutions as one grouped causal conv: weight [C, d, T] (tap j reads input t - (T-1) + j,
@@ -58,16 +60,33 @@ class ZayaCCAProjection(nn.Module):
         bias_Ho = self.conv_qk_grouped.bias.view(groups, d) + torch.einsum("hoik,hi->ho", w1_HoiK, b0_Hi)
         return weight_HoiT.reshape(groups * d, d, self.num_taps), bias_Ho.reshape(groups * d)
 
-    def projections(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q/k pre-conv projections [B,S,C], current and delayed value projections [B,S,V], as one matmul."""
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(q|k|v_cur|v_del weight, bias, composed conv weight, conv bias). Without autograd (decoding) they are
+        built once per weight update and reused: rebuilding them every decode step would copy every projection
+        matrix once per generated token."""
+        params = [p for p in self.parameters()]
+        if not torch.is_grad_enabled():
+            key = tuple((p.data_ptr(), p._version) for p in params)
+            if self._fused_key == key:
+                return self._fused
         linears = (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
         weight = torch.cat([m.weight for m in linears])
         bias = torch.cat([m.bias for m in linears]) if self.q_proj.bias is not None else None
+        fused = (weight, bias, *self.composed_conv())
+        if not torch.is_grad_enabled():
+            self._fused_key, self._fused = key, fused
+        return fused
+
+    def projections(self, x_BSD: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """q/k pre-conv projections [B,S,C], current and delayed value projections [B,S,V], as one matmul."""
         qk_dim = self.q_proj.out_features + self.k_proj.out_features
         v_dim = self.v_proj_current.out_features
         return F.linear(x_BSD, weight, bias).split([qk_dim, v_dim, v_dim], dim=-1)
 
-    def causal_conv(self, qk_pre_BSC: torch.Tensor, layout: SequenceLayout, cache: ZayaCache | None) -> torch.Tensor:
+    def causal_conv(
+        self, qk_pre_BSC: torch.Tensor, weight_CdT: torch.Tensor, bias_C: torch.Tensor, layout: SequenceLayout,
+        cache: ZayaCache | None,
+    ) -> torch.Tensor:
         """The composed q/k convolution [B,S,C]. The prefix is the cached past columns (zeros at a sequence
         start). Packed rows zero, per output position, every tap that reaches into an earlier document."""
         batch, seq_len, channels = qk_pre_BSC.shape
@@ -76,7 +95,6 @@ class ZayaCCAProjection(nn.Module):
             prefix_BPC = cache.conv_state[self.layer_idx]
         else:
             prefix_BPC = qk_pre_BSC.new_zeros(batch, history, channels)
-        weight_CdT, bias_C = self.composed_conv()
         groups = self.num_heads + self.num_kv_heads
         if layout.shift_valid_TBS is None:
             # Channels-first and contiguous: conv1d's backward is several times slower on a transposed view.
@@ -107,7 +125,8 @@ class ZayaCCAProjection(nn.Module):
         batch, seq_len, _ = x_BSD.shape
         if layout.pad_zero_mask_BS is not None:
             x_BSD = x_BSD * layout.pad_zero_mask_BS[..., None].to(x_BSD.dtype)
-        qk_pre_BSC, v_cur_BSV, v_del_BSV = self.projections(x_BSD)
+        proj_weight, proj_bias, conv_weight, conv_bias = self.fused_weights()
+        qk_pre_BSC, v_cur_BSV, v_del_BSV = self.projections(x_BSD, proj_weight, proj_bias)
         q_dim = self.num_heads * self.head_dim
 
         # Mean skips (fp32): every query head averages with its KV head; each KV head takes its group's mean.
@@ -117,7 +136,7 @@ class ZayaCCAProjection(nn.Module):
         q_res_BSGgd = 0.5 * (q_res_BSGgd + k_pre_BSG1d)
         k_res_BSGd = q_res_BSGgd.mean(dim=3)
 
-        conv_BSC = self.causal_conv(qk_pre_BSC, layout, cache).float()
+        conv_BSC = self.causal_conv(qk_pre_BSC, conv_weight, conv_bias, layout, cache).float()
         q_BSQd = conv_BSC[..., :q_dim].view(batch, seq_len, self.num_heads, self.head_dim) + q_res_BSGgd.reshape(
             batch, seq_len, self.num_heads, self.head_dim
         )

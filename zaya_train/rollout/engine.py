@@ -2,7 +2,7 @@
 
     from zaya_train.rollout import RolloutEngine
     engine = RolloutEngine(model)                          # a live ZayaForCausalLM; its weights are used in place
-    engine = RolloutEngine.from_pretrained("ckpt/")        # an HF `zaya` directory
+    engine = RolloutEngine.from_pretrained("ckpt/")        # an HF `zaya` dir, a trainer checkpoint or a run dir
     results = engine.generate([[1, 5, 9], [1, 7]], max_new_tokens=64, temperature=1.0, top_p=0.95, seed=0)
     r = results[0]; r.token_ids, r.logprobs, r.expert_ids, r.finish_reason
     engine.load_weights(trainer_model_or_state_dict)       # after a policy update
@@ -80,10 +80,12 @@ class RolloutEngine:
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
     ) -> RolloutEngine:
-        """An engine on an HF `zaya` checkpoint directory (read by `zaya_train.hf.load_pretrained`)."""
-        from zaya_train.hf import load_pretrained
+        """An engine on an HF `zaya` checkpoint directory, a trainer checkpoint or a run directory (its latest
+        checkpoint)."""
+        from zaya_train.train.export import load_model_and_tokenizer
 
-        return cls(load_pretrained(path, dtype=dtype, device=device).eval())
+        model, _ = load_model_and_tokenizer(path)
+        return cls(model.to(device=device, dtype=dtype).eval())
 
     @torch.no_grad()
     def load_weights(self, state_dict_or_model: nn.Module | dict[str, torch.Tensor]) -> None:

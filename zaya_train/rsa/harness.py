@@ -22,26 +22,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from zaya_train.rewards import ExactMatchVerifier, MathVerifier, ReasoningGymVerifier
+from zaya_train.train.export import load_model_and_tokenizer
 from zaya_train.rsa.core import RSAProblem, run_rsa, verifier_scorer
 from zaya_train.rsa.metrics import RESULTS_FILE, write_results
 from zaya_train.rsa.template import TextAggregationTemplate
 
 PLOT_FILE = "rsa_accuracy.png"
-
-
-def load_model_and_tokenizer(checkpoint: str | Path):
-    """A run directory, a trainer checkpoint or an HF `zaya` directory (with its tokenizer)."""
-    from zaya_train.data import load_tokenizer
-    from zaya_train.hf import load_pretrained
-
-    path = Path(checkpoint)
-    if (path / "config.json").is_file():
-        return load_pretrained(path), load_tokenizer(path)
-    from zaya_train.train.checkpoint import resolve_checkpoint
-    from zaya_train.train.export import model_from_checkpoint
-
-    resolved = resolve_checkpoint(path)
-    return model_from_checkpoint(resolved), load_tokenizer(resolved.parent.parent / "tokenizer")
 
 
 def load_problems(data: str, num_problems: int, seed: int) -> tuple[list[tuple[str, Any]], Any]:
@@ -72,7 +58,7 @@ def run_eval(cfg, run_dir: Path, overlay_dir: Path | None = None) -> dict[str, A
     from zaya_train.train.metrics import MetricsConfig, MetricsSink
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(cfg.checkpoint)
+    model, tokenizer = load_model_and_tokenizer(cfg.checkpoint)  # run dir, trainer checkpoint or HF dir
     model.eval()
     pairs, verifier = load_problems(cfg.eval.data, cfg.eval.num_problems, cfg.seed)
 

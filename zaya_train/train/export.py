@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +49,18 @@ def model_from_checkpoint(checkpoint: Path) -> ZayaForCausalLM:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.materialize_rope("cpu")
     return model
+
+
+def load_model_and_tokenizer(path: str | Path) -> tuple[ZayaForCausalLM, Any]:
+    """The model and tokenizer of an HF `zaya` directory, a trainer checkpoint or a run directory (its latest)."""
+    from zaya_train.data import load_tokenizer
+    from zaya_train.hf import load_pretrained
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return load_pretrained(path), load_tokenizer(path)
+    checkpoint = ckpt.resolve_checkpoint(path)
+    return model_from_checkpoint(checkpoint), load_tokenizer(checkpoint.parent.parent / "tokenizer")
 
 
 def export_checkpoint(checkpoint_or_run_dir: str | Path, out: str | Path) -> Path:
