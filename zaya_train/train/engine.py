@@ -171,8 +171,9 @@ def build_engine(model: ZayaForCausalLM, cfg: RunConfig, dtype: torch.dtype, loa
     )
     for router in engine.module.routers():
         router.balancing_biases = router.balancing_biases.float()
-    if dist.get_world_size() == 1:
-        # Alone, DeepSpeed would still flatten, "all-reduce" and unflatten every gradient each step.
+    if dist.get_world_size() == 1 and zero_stage == 0:
+        # Alone at stage 0, DeepSpeed would still flatten, "all-reduce" and unflatten every gradient each step.
+        # (ZeRO optimizers gather their gradient partitions through that path: it stays on for them.)
         engine.enable_backward_allreduce = False
     return engine, scheduler
 
