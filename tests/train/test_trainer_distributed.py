@@ -50,6 +50,17 @@ def test_two_ranks_learn_and_agree(tmp_path, stage):
     assert result["biases_moved"]
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_muon_trains_at_zero_stages(tmp_path, stage):
+    """Stage 0 (fp32) runs torch's Muon as a client optimizer; stages 1-2 run DeepSpeed's own Muon."""
+    run_dir = tmp_path / "run"
+    result = run(2, tmp_path / "result.json", f"deepspeed=zero{stage}", "optim=muon", "trainer.max_steps=20",
+                 "trainer.save_interval=20", "trainer.eval_problems=0", f"run_dir={run_dir}", port=29620 + stage)
+    by_step = losses(run_dir)
+    assert by_step[20] < by_step[1] - 0.8, f"Muon did not train: {by_step[1]:.3f} -> {by_step[20]:.3f}"
+    assert result["max_params_diff"] == 0.0 and result["max_biases_diff"] == 0.0
+
+
 def test_resume_two_ranks_on_one(tmp_path):
     """2 ranks x 16 windows stop at step 6; 1 rank x 32 windows (the same global batch) continues to step 9 and
     matches a 2-rank run that never stopped: same weights, same data position."""

@@ -13,6 +13,7 @@ The experts are two 3-D parameters of one module, so every rank runs the same mo
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ import torch.distributed as dist
 from zaya_train.model import ZayaForCausalLM
 from zaya_train.model.cca import ZayaCCAProjection
 from zaya_train.model.moe import ZayaSparseMoeBlock
-from zaya_train.train.config import ConfigError, RunConfig
-from zaya_train.train.optim import build_optimizer
+from zaya_train.train.config import RunConfig
+from zaya_train.train.optim import OptimConfig, build_optimizer, parameter_kinds
 from zaya_train.train.schedule import build_scheduler
 
 
@@ -143,32 +144,70 @@ class NonFiniteGuard(torch.optim.Optimizer):
         self.state = self.inner.state
 
 
+def deepspeed_muon(model: ZayaForCausalLM, optim: OptimConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Param groups and the `optimizer` config entry for DeepSpeed's own Muon, which runs inside ZeRO 1-3 and
+    the bf16 optimizer (where a client Muon would only see flat partitions).
+
+    Every parameter is tagged `use_muon` (hidden and expert matrices) or not (AdamW: embeddings, conv kernels,
+    vectors). DeepSpeed's Muon scales its update by sqrt(max(1, out/in)) (Keller Jordan's rule); each matrix shape
+    gets its own group whose lr converts that to Moonlight's update-RMS matching, 0.2 * sqrt(max(out, in)), the
+    rule of `torch.optim.Muon(adjust_lr_fn="match_rms_adamw")` used at stage 0."""
+    kinds = parameter_kinds(model)
+    params = dict(model.named_parameters())
+    muon_groups: dict[tuple[int, int], list[torch.nn.Parameter]] = {}
+    decayed, not_decayed = [], []
+    for name, kind in kinds.items():
+        param = params[name]
+        param.use_muon = kind in ("matrix", "expert")
+        if param.use_muon:
+            muon_groups.setdefault(tuple(param.shape[-2:]), []).append(param)
+        elif kind == "vector":
+            not_decayed.append(param)
+        else:
+            decayed.append(param)
+    groups: list[dict[str, Any]] = []
+    for (rows, cols), members in sorted(muon_groups.items()):
+        to_moonlight = 0.2 * math.sqrt(max(rows, cols)) / math.sqrt(max(1.0, rows / cols))
+        groups.append({"params": members, "lr": optim.resolved_muon_lr * to_moonlight,
+                       "weight_decay": optim.resolved_muon_weight_decay, "name": f"muon_{rows}x{cols}"})
+    groups.append({"params": decayed, "weight_decay": optim.weight_decay, "name": "adamw"})
+    groups.append({"params": not_decayed, "weight_decay": 0.0, "name": "adamw_no_decay"})
+    config = {
+        "type": "Muon",
+        "params": {"lr": optim.lr, "momentum": optim.muon_momentum, "betas": [optim.beta1, optim.beta2],
+                   "eps": optim.eps, "weight_decay": optim.weight_decay, "torch_adam": True},
+    }
+    return [g for g in groups if g["params"]], config
+
+
 def build_engine(model: ZayaForCausalLM, cfg: RunConfig, dtype: torch.dtype, load_universal: bool = False):
-    """Returns (engine, lr_scheduler). The balancing biases stay fp32 buffers whatever the compute dtype."""
+    """Returns (engine, lr_scheduler). The balancing biases stay fp32 buffers whatever the compute dtype.
+
+    Optimizers: AdamW, or the Muon/AdamW split. Muon at stage 0 in fp32 is `torch.optim.Muon` (a client
+    optimizer, each expert matrix orthogonalised alone); under ZeRO 1-3 or bf16 it is DeepSpeed's own Muon."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
     zero_stage = cfg.deepspeed.zero_stage
     if zero_stage == 3:
         set_z3_leaf_modules(model, [ZayaCCAProjection, ZayaSparseMoeBlock])
-    try:
-        optimizer = build_optimizer(model, cfg.optim, zero_stage=zero_stage)
-    except ValueError as err:
-        raise ConfigError(f"optim.name: {err}") from err
-    if cfg.optim.name == "muon" and dtype != torch.float32:
-        raise ConfigError(
-            "optim.name: Muon runs on whole matrices, which DeepSpeed's bf16 optimizer flattens; use "
-            "deepspeed.precision=fp32 with zero_stage=0, or optim.name=adamw"
+    ds_config = deepspeed_config(cfg, dtype, load_universal)
+    if cfg.optim.name == "muon" and (zero_stage > 0 or dtype != torch.float32):
+        params, ds_config["optimizer"] = deepspeed_muon(model, cfg.optim)
+        # DeepSpeed orthogonalises Muon gradients before it computes the norm it clips by, so clipping would
+        # shrink every orthogonalised update (norm ~ sqrt(rows) per matrix) to a fraction of itself.
+        ds_config["gradient_clipping"] = 0.0
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, config=ds_config,
+            lr_scheduler=lambda optimizer: build_scheduler(optimizer, cfg.schedule),
         )
-    if zero_stage == 0:
-        optimizer = NonFiniteGuard(optimizer, cfg.deepspeed.gradient_clipping)
-    scheduler = build_scheduler(optimizer, cfg.schedule)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, dtype, load_universal),
-    )
+    else:
+        optimizer = build_optimizer(model, cfg.optim, zero_stage=0)
+        if zero_stage == 0:
+            optimizer = NonFiniteGuard(optimizer, cfg.deepspeed.gradient_clipping)
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.schedule), config=ds_config
+        )
     for router in engine.module.routers():
         router.balancing_biases = router.balancing_biases.float()
     if dist.get_world_size() == 1 and zero_stage == 0:
