@@ -176,7 +176,9 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
                     reason = "data_exhausted"
                     break
                 batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-                out = engine(batch["input_ids"], document_ids=batch["document_ids"], labels=batch["labels"])
+                out = engine(
+                    batch["input_ids"], document_ids=batch["document_ids"], labels=batch["labels"], return_logits=False
+                )
                 step_tokens += batch["input_ids"].numel()
                 if _any_rank(not bool(torch.isfinite(out.loss)), info.device):
                     state["nonfinite_loss_micro_batches"] += 1
