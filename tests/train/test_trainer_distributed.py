@@ -50,9 +50,9 @@ def test_two_ranks_learn_and_agree(tmp_path, stage):
     assert result["biases_moved"]
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_muon_trains_at_zero_stages(tmp_path, stage):
-    """Stage 0 (fp32) runs torch's Muon as a client optimizer; stages 1-2 run DeepSpeed's own Muon."""
+    """Stage 0 (fp32) runs torch's Muon as a client optimizer; stages 1-3 run DeepSpeed's own Muon."""
     run_dir = tmp_path / "run"
     result = run(2, tmp_path / "result.json", f"deepspeed=zero{stage}", "optim=muon", "trainer.max_steps=20",
                  "trainer.save_interval=20", "trainer.eval_problems=0", f"run_dir={run_dir}", port=29620 + stage)

@@ -197,6 +197,8 @@ def build_engine(model: ZayaForCausalLM, cfg: RunConfig, dtype: torch.dtype, loa
         # DeepSpeed orthogonalises Muon gradients before it computes the norm it clips by, so clipping would
         # shrink every orthogonalised update (norm ~ sqrt(rows) per matrix) to a fraction of itself.
         ds_config["gradient_clipping"] = 0.0
+        # ZeRO-3's Muon orthogonalises whole gathered gradients, which DeepSpeed cannot combine with reduce-scatter.
+        ds_config["zero_optimization"]["reduce_scatter"] = False
         engine, _, _, scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=ds_config,
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, cfg.schedule),
