@@ -166,7 +166,13 @@ def _console_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+    import warnings
+
     import hydra
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        warnings.simplefilter("ignore")  # console output comes from rank 0 only
 
     from zaya_train.train.config import ConfigError
 
