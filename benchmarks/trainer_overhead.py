@@ -45,19 +45,14 @@ def corpus(path: Path, documents: int = 3000) -> Path:
 
 
 def run_config(regime: str, steps: int, run_dir: Path, data_path: Path):
-    from hydra import compose, initialize_config_dir
-
-    from zaya_train.cli import CONF_DIR, RECIPES_DIR, _register_schema, to_run_config
+    from zaya_train.cli import compose_run_config
 
     overrides = list(REGIMES[regime])
     recipe = overrides.pop(0).split("=", 1)[1]
     overrides += COMMON + [f"trainer.max_steps={steps}", f"run_dir={run_dir}"]
     if recipe == "pretrain":
         overrides.append(f"data.path={data_path}")
-    _register_schema()
-    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
-        cfg = compose(config_name=recipe, overrides=overrides + [f"hydra.searchpath=[file://{CONF_DIR}]"])
-    return to_run_config(cfg)
+    return compose_run_config(recipe, overrides)
 
 
 def bare(cfg, run_dir: Path, steps: int) -> list[float]:

@@ -86,21 +86,26 @@ def to_run_config(cfg: DictConfig):
     return run_cfg
 
 
-def check_config(recipe: str, overrides: list[str]) -> None:
-    """Composes and validates the config of `recipe` with `overrides` (first sweep values); raises ConfigError."""
+def compose_run_config(recipe: str, overrides: list[str]):
+    """The validated RunConfig of `recipe` with `overrides`, composed outside a Hydra app (no sweeps).
+    Raises ConfigError naming the key."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
     from zaya_train.train.config import ConfigError
 
+    _register_schema()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
-            cfg = compose(
-                config_name=recipe, overrides=_first_sweep_values(overrides) + [f"hydra.searchpath=[file://{CONF_DIR}]"]
-            )
+            cfg = compose(config_name=recipe, overrides=overrides + [f"hydra.searchpath=[file://{CONF_DIR}]"])
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(one_line(err)) from err
-    to_run_config(cfg)
+    return to_run_config(cfg)
+
+
+def check_config(recipe: str, overrides: list[str]) -> None:
+    """Composes and validates the config of `recipe` with `overrides` (first sweep values); raises ConfigError."""
+    compose_run_config(recipe, _first_sweep_values(overrides))
 
 
 def _task(cfg: DictConfig) -> None:

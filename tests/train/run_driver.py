@@ -18,17 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from zaya_train.cli import CONF_DIR, RECIPES_DIR, _register_schema, to_run_config
+from zaya_train.cli import compose_run_config
 from zaya_train.train import checkpoint, metrics
-
-
-def compose(recipe: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
-        cfg = hydra_compose(config_name=recipe, overrides=overrides + [f"hydra.searchpath=[file://{CONF_DIR}]"])
-    return to_run_config(cfg)
 
 
 def rank_spread(engine) -> dict[str, float]:
@@ -104,8 +95,7 @@ def main() -> None:
             recipe = arg.split("=", 1)[1]
         else:
             overrides.append(arg)
-    _register_schema()
-    cfg = compose(recipe, overrides)
+    cfg = compose_run_config(recipe, overrides)
     inject_faults()
     inject_nan_losses()
     from zaya_train.train.trainer import TrainingDiverged, train

@@ -88,19 +88,13 @@ def run_eval(cfg, run_dir: Path, overlay_dir: Path | None = None) -> dict[str, A
     result = run_rsa(problems, generate, verifier_scorer(verifier, decode), cfg.rsa, template)
     rounds_bar.close()
     path = write_results(result, run_dir)
-    with MetricsSink(run_dir, MetricsConfig(wandb=cfg.wandb), run_config=_plain(cfg)) as sink:
+    with MetricsSink(run_dir, MetricsConfig(wandb=cfg.wandb), run_config=cfg) as sink:
         for metrics in result.rounds:
             values = {f"rsa/{k}": v for k, v in vars(metrics).items() if k != "round"}
             sink.log(metrics.round, float("nan"), {**values, "event": "rsa_round"})
     others = sorted(overlay_dir.glob(f"*/{RESULTS_FILE}")) if overlay_dir is not None else []
     plot_results(sorted({*others, path}), run_dir / PLOT_FILE)
     return {"results": str(path), "rounds": [vars(m) for m in result.rounds]}
-
-
-def _plain(cfg) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def _label(config: dict[str, Any]) -> str:

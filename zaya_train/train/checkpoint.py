@@ -48,9 +48,7 @@ def _barrier() -> None:
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    _write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def is_complete(path: Path) -> bool:

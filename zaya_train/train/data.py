@@ -7,7 +7,7 @@ deterministic, so every rank packs the same windows and the loader takes each ra
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,6 @@ from zaya_train.data import (
     NANO_CHARS,
     ChainSumConfig,
     ChainSumDataset,
-    PackedWindow,
     PackStats,
     PretrainPackConfig,
     SourceConfig,
@@ -33,10 +32,8 @@ from zaya_train.data import (
     train_bpe,
     trim_conversations,
 )
+from zaya_train.data.loader import WindowSource
 from zaya_train.train.config import ConfigError, DataConfig
-
-WindowSource = Sequence[PackedWindow] | Callable[[], Iterable[PackedWindow]]
-
 
 @dataclass
 class TrainingData:

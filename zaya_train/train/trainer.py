@@ -80,7 +80,7 @@ def _weights_finite(engine) -> bool:
     return not _any_rank(not local, next(engine.module.parameters()).device)
 
 
-def _initial_model(cfg: RunConfig, model_config, device: torch.device) -> ZayaForCausalLM:
+def _initial_model(cfg: RunConfig, model_config) -> ZayaForCausalLM:
     if cfg.model.init_from is None:
         return ZayaForCausalLM(model_config)
     source = Path(cfg.model.init_from)
@@ -130,7 +130,7 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
             universal = True
 
     dtype = resolve_dtype(cfg, info.device)
-    model = _initial_model(cfg, model_config, info.device).to(info.device)
+    model = _initial_model(cfg, model_config).to(info.device)
     engine, scheduler = build_engine(model, cfg, dtype, load_universal=universal)
     balancer = ExpertBiasBalancer(engine.module.routers(), cfg.balancer)
     loader = PackedLoader(
@@ -150,7 +150,7 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
     flops_per_token = model_flops_per_token(model_config, cfg.data.seq_len)
     peak = peak_flops(info.device, cfg.trainer.peak_flops)
     metrics = MetricsSink(run_dir, MetricsConfig(wandb=cfg.wandb, peak_flops=cfg.trainer.peak_flops), info.rank,
-                          run_config=dataclasses.asdict(cfg))
+                          run_config=cfg)
     if data.stats and info.rank == 0:
         metrics.log(state["step"], float("nan"), {**data.stats, "event": "data"})
     progress = None
