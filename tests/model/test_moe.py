@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from zaya_train.model import moe, preset
+from zaya_train.kernels import linear as kernels_linear
+from zaya_train.model import preset
 from zaya_train.model.moe import ZayaExperts, reference_experts
 
 
@@ -16,10 +17,12 @@ def run(experts, fn, x, ids, weight):
     return out.detach(), x.grad, weight.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()
 
 
-@pytest.mark.parametrize("grouped_gemm", [True, False], ids=["grouped_mm", "per_expert_gemm"])
-def test_dispatch_matches_reference(grouped_gemm, monkeypatch):
-    if not grouped_gemm:
-        monkeypatch.setattr(moe, "grouped_mm_supported", lambda *_: False)
+@pytest.mark.parametrize("backend", ["onednn", "grouped_mm", "per_expert_gemm"])
+def test_dispatch_matches_reference(backend, monkeypatch):
+    if backend != "onednn":
+        monkeypatch.setattr(kernels_linear, "uses_onednn", lambda *_: False)
+    if backend == "per_expert_gemm":
+        monkeypatch.setattr(kernels_linear, "grouped_mm_supported", lambda *_: False)
     config = preset("nano", num_experts=5, hidden_size=32, moe_intermediate_size=48)
     experts = ZayaExperts(config)
     torch.nn.init.normal_(experts.gate_up_proj, std=0.2)

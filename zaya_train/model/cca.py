@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya_train.kernels.linear import linear
 from zaya_train.model.attention import attention
 from zaya_train.model.cache import ZayaCache
 from zaya_train.model.config import ZayaConfig
-from zaya_train.model.layers import apply_partial_rope
+from zaya_train.model.layers import Linear, apply_partial_rope
 from zaya_train.model.layout import SequenceLayout
 
 
@@ -36,10 +37,10 @@ class ZayaCCAProjection(nn.Module):
         self.time0, self.time1 = config.cca_time0, config.cca_time1
         self.num_taps = self.time0 + self.time1 - 1
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.query_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_dim, bias=bias)
-        self.v_proj_current = nn.Linear(config.hidden_size, config.kv_dim // 2, bias=bias)
-        self.v_proj_delayed = nn.Linear(config.hidden_size, config.kv_dim // 2, bias=bias)
+        self.q_proj = Linear(config.hidden_size, config.query_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, config.kv_dim, bias=bias)
+        self.v_proj_current = Linear(config.hidden_size, config.kv_dim // 2, bias=bias)
+        self.v_proj_delayed = Linear(config.hidden_size, config.kv_dim // 2, bias=bias)
         channels = config.query_dim + config.kv_dim
         self.conv_qk_depthwise = nn.Conv1d(channels, channels, self.time0, groups=channels)
         self.conv_qk_grouped = nn.Conv1d(channels, channels, self.time1, groups=self.num_heads + self.num_kv_heads)
@@ -81,7 +82,7 @@ class ZayaCCAProjection(nn.Module):
         """q/k pre-conv projections [B,S,C], current and delayed value projections [B,S,V], as one matmul."""
         qk_dim = self.q_proj.out_features + self.k_proj.out_features
         v_dim = self.v_proj_current.out_features
-        return F.linear(x_BSD, weight, bias).split([qk_dim, v_dim, v_dim], dim=-1)
+        return linear(x_BSD, weight, bias).split([qk_dim, v_dim, v_dim], dim=-1)
 
     def causal_conv(
         self, qk_pre_BSC: torch.Tensor, weight_CdT: torch.Tensor, bias_C: torch.Tensor, layout: SequenceLayout,
@@ -183,7 +184,7 @@ class ZayaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.qkv_proj = ZayaCCAProjection(config, layer_idx)
         self.qk_norm = ZayaQKNorm(config)
-        self.o_proj = nn.Linear(config.query_dim, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = Linear(config.query_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(
         self,

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the ZAYA1 modules: RMSNorm, learned residual scaling, partial RoPE.
+"""Small building blocks shared by the ZAYA1 modules: linear, RMSNorm, learned residual scaling, partial RoPE.
 
 Shape suffixes: B batch, S sequence, H heads, D hidden, d head dim, R rotary dim.
 """
@@ -7,6 +7,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from zaya_train.kernels.linear import linear
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `zaya_train.kernels.linear` (oneDNN for fp32 on CPU); same parameters and results."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class _RMSNorm(torch.autograd.Function):

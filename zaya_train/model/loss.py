@@ -11,8 +11,9 @@ Shape suffixes: N tokens, D hidden, V vocab, C chunk.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from zaya_train.kernels.linear import linear, matmul
 
 IGNORE_INDEX = -100
 
@@ -32,7 +33,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = torch.arange(h_CD.shape[0], device=h_CD.device)
             target_C = targets_N[start : start + chunk_size]
             scale_C = valid_N[start : start + chunk_size].float() / num_valid
-            logits_CV = F.linear(h_CD, weight_VD, bias_V).float()
+            logits_CV = linear(h_CD, weight_VD, bias_V).float()
             target_logit_C = logits_CV[rows, target_C]
             # Softmax in place (one chunk-sized buffer, five passes); it becomes d(mean loss)/d(logits):
             # (softmax - onehot(target)) / num_valid on counted tokens.
@@ -44,10 +45,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_CV = probs_CV.mul_(scale_C[:, None] / sum_C1)
             grad_CV[rows, target_C] -= scale_C
             grad_CV = grad_CV.to(h_CD.dtype)
-            grad_hidden_ND[start : start + chunk_size] = grad_CV @ weight_VD
-            # The first chunk allocates the weight gradient through its matmul (no separate zero fill).
+            grad_hidden_ND[start : start + chunk_size] = matmul(grad_CV, weight_VD)
+            # The first chunk allocates the weight gradient through its matmul (no separate zero fill); later
+            # chunks accumulate in place (BLAS addmm: no [V, D] temporary).
             if grad_weight_VD is None:
-                grad_weight_VD = grad_CV.T.float() @ h_CD.float()
+                grad_weight_VD = matmul(grad_CV.T.float(), h_CD.float())
             else:
                 grad_weight_VD.addmm_(grad_CV.T.float(), h_CD.float())
             if grad_bias_V is not None:
@@ -84,5 +86,5 @@ class ZayaLMHead(nn.Linear):
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
-            return super().forward(hidden)
+            return linear(hidden, self.weight, self.bias)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.weight, self.bias, labels.reshape(-1))

@@ -1,8 +1,8 @@
 """Top-1 SwiGLU experts with sort-based grouped dispatch, and the ZAYA1 MoE block (router + experts).
 
-Dispatch: tokens are sorted by expert id, every expert runs on its contiguous slice through one grouped GEMM
-(`torch.nn.functional.grouped_mm`, which also runs on CPU) or, where that is unavailable for the device and
-dtype, one GEMM per expert (a loop over experts, never over tokens); outputs are weighted and scattered back.
+Dispatch: tokens are sorted by expert id and every expert runs on its contiguous slice
+(`zaya_train.kernels.linear.grouped_linear`: one grouped GEMM on GPUs, one oneDNN GEMM per expert in fp32 on
+CPU; a loop over experts, never over tokens); outputs are weighted and scattered back.
 Tokens routed to the skip class produce zero, as in HF. `reference_experts` is HF's per-expert loop, kept as
 the test oracle.
 
@@ -11,28 +11,13 @@ Shape suffixes: N tokens, D hidden, F expert intermediate, E experts.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya_train.kernels.linear import grouped_linear
 from zaya_train.model.config import ZayaConfig
 from zaya_train.model.router import ZayaRouter
-
-
-@functools.cache
-def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """Probes `F.grouped_mm` once per (device, dtype): its support differs across CPU, CUDA and ROCm builds."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    try:
-        x = torch.ones(16, 16, device=device_type, dtype=dtype)
-        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
-        F.grouped_mm(x, w, offs=torch.tensor([8, 16], device=device_type, dtype=torch.int32))
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    return True
 
 
 class ZayaExperts(nn.Module):
@@ -46,26 +31,18 @@ class ZayaExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
         # Skip-class tokens run through expert 0 with weight 0 (output exactly 0, no gradient), as in HF: the
-        # shapes then never depend on the routing, so dispatch needs no host sync and compiles to one graph.
+        # shapes then never depend on the routing, so GPU dispatch needs no host sync and compiles to one graph.
         skip_N = ids_N == self.num_experts
         ids_N = ids_N.masked_fill(skip_N, 0)
         weight_N = weight_N.masked_fill(skip_N, 0.0)
         order_N = torch.argsort(ids_N, stable=True)
         counts_E = torch.bincount(ids_N, minlength=self.num_experts)
         xs_ND = x_ND.index_select(0, order_N)
-        h_NF2 = self._grouped_linear(xs_ND, self.gate_up_proj, counts_E)
+        h_NF2 = grouped_linear(xs_ND, self.gate_up_proj, counts_E)
         gate_NF, up_NF = h_NF2.chunk(2, dim=-1)
-        y_ND = self._grouped_linear(F.silu(gate_NF) * up_NF, self.down_proj, counts_E)
+        y_ND = grouped_linear(F.silu(gate_NF) * up_NF, self.down_proj, counts_E)
         y_ND = y_ND * weight_N.index_select(0, order_N)[:, None].to(y_ND.dtype)
         return torch.empty_like(y_ND).index_copy(0, order_N, y_ND)
-
-    @staticmethod
-    def _grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if grouped_mm_supported(x_NI.device.type, x_NI.dtype):
-            offsets = counts_E.cumsum(0).to(torch.int32)
-            return F.grouped_mm(x_NI, w_EOI.transpose(1, 2), offs=offsets)
-        pieces = torch.split(x_NI, counts_E.tolist())
-        return torch.cat([piece @ w_EOI[e].T for e, piece in enumerate(pieces)])
 
 
 def reference_experts(experts: ZayaExperts, x_ND: torch.Tensor, ids_N: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:

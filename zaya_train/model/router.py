@@ -15,16 +15,16 @@ import torch
 from torch import nn
 
 from zaya_train.model.config import ZayaConfig
-from zaya_train.model.layers import ZayaRMSNorm
+from zaya_train.model.layers import Linear, ZayaRMSNorm
 
 
 class ZayaRouterMLP(nn.Module):
     def __init__(self, hidden_size: int, num_classes: int, eps: float) -> None:
         super().__init__()
         self.norm = ZayaRMSNorm(hidden_size, eps)
-        self.fc1 = nn.Linear(hidden_size, hidden_size)
-        self.fc2 = nn.Linear(hidden_size, hidden_size)
-        self.out_proj = nn.Linear(hidden_size, num_classes, bias=False)
+        self.fc1 = Linear(hidden_size, hidden_size)
+        self.fc2 = Linear(hidden_size, hidden_size)
+        self.out_proj = Linear(hidden_size, num_classes, bias=False)
         self.act = nn.GELU()
 
     def forward(self, r_BSR: torch.Tensor) -> torch.Tensor:
@@ -35,7 +35,7 @@ class ZayaRouter(nn.Module):
     def __init__(self, config: ZayaConfig, layer_idx: int) -> None:
         super().__init__()
         self.num_experts = config.num_experts
-        self.down_proj = nn.Linear(config.hidden_size, config.router_hidden_size)
+        self.down_proj = Linear(config.hidden_size, config.router_hidden_size)
         # The first layer has no previous router state, hence no EDA scale (as in HF's checkpoints).
         self.use_eda = layer_idx != 0
         if self.use_eda:

@@ -1,0 +1,1 @@
+"""Compute kernels, each beside the PyTorch reference it must equal (tests/kernels)."""
