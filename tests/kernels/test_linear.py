@@ -13,6 +13,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def onednn_at_every_size(monkeypatch):
+    monkeypatch.setattr(kernels_linear, "ONEDNN_MIN_MACS", 0)
+
+
 def grads_of(fn, *tensors):
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     out = fn(*leaves)
@@ -41,6 +46,16 @@ def test_linear_takes_the_onednn_path(monkeypatch):
     x = torch.randn(8, 16, requires_grad=True)
     linear(x, torch.randn(4, 16, requires_grad=True)).sum().backward()
     assert len(calls) == 3  # forward, input gradient, weight gradient
+
+
+def test_small_gemms_stay_on_the_reference(monkeypatch):
+    monkeypatch.setattr(kernels_linear, "ONEDNN_MIN_MACS", 2**20)
+    calls = []
+    monkeypatch.setattr(kernels_linear, "_onednn", lambda *a: calls.append(1))
+    linear(torch.randn(16, 128), torch.randn(256, 128))  # 2**19 multiply-adds
+    assert not calls
+    linear(torch.randn(16, 128), torch.randn(512, 128))
+    assert calls
 
 
 def test_non_contiguous_operands_and_frozen_weight():

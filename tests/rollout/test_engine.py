@@ -87,18 +87,17 @@ def test_continuous_batching_equals_requests_run_alone(engine, model):
     lengths, budgets = [7, 3, 12, 5, 9], [6, 11, 4, 8, 3]
     batch = prompts(lengths, seed=5)
     decode_rows = []
-    forward = model.forward
+    step = engine.decode_step
 
-    def spy(input_ids, *args, **kwargs):
-        if kwargs.get("cache") is not None and input_ids.shape[1] == 1:
-            decode_rows.append(input_ids.shape[0])
-        return forward(input_ids, *args, **kwargs)
+    def spy(tokens_B, positions_B, cache):
+        decode_rows.append(tokens_B.shape[0])
+        return step(tokens_B, positions_B, cache)
 
-    model.forward = spy
+    engine.decode_step = spy
     try:
         results = engine.generate(batch, max_new_tokens=budgets, temperature=0, eos_token_id=[], max_batch_size=2)
     finally:
-        del model.forward
+        engine.decode_step = step
     for prompt, budget, result in zip(batch, budgets, results):
         assert result.token_ids == reference_greedy(model, prompt, budget)
     assert max(decode_rows) == 2

@@ -12,7 +12,9 @@ written out: dx = dy @ W and dW = dy^T @ x, both again through oneDNN.
     y_NO = grouped_linear(x_NI, w_EOI, counts_E)           # rows sorted by expert; counts_E rows per expert
     c = matmul(a, b)                                       # == a @ b for 2-D a, b
 
-`ZAYA_CPU_GEMM=aten` turns the oneDNN path off (every call then goes to the reference ops).
+A oneDNN call has a fixed cost of about 10 us there, so GEMMs under ONEDNN_MIN_MACS multiply-adds (decode-sized
+router layers) stay on `F.linear`, which is faster at that size. `ZAYA_CPU_GEMM=aten` turns the oneDNN path off
+(every call then goes to the reference ops).
 
 Shape suffixes: N rows, I in features, O out features, E experts.
 """
@@ -24,6 +26,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+ONEDNN_MIN_MACS = 2**20
 
 
 @functools.cache
@@ -41,9 +45,13 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def uses_onednn(x: torch.Tensor) -> bool:
-    """Whether linear layers on tensors like `x` take the oneDNN path (fp32, CPU, oneDNN present)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_linear_available()
+def uses_onednn(x: torch.Tensor, macs: int = ONEDNN_MIN_MACS) -> bool:
+    """Whether a GEMM of `macs` multiply-adds on tensors like `x` takes the oneDNN path (fp32, CPU, oneDNN
+    present, at least ONEDNN_MIN_MACS)."""
+    return (
+        macs >= ONEDNN_MIN_MACS and x.device.type == "cpu" and x.dtype == torch.float32
+        and _onednn_linear_available()
+    )
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -69,7 +77,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias)."""
-    if x.numel() == 0 or not uses_onednn(x) or weight.dtype != torch.float32:
+    if not uses_onednn(x, x.numel() * weight.shape[0]) or weight.dtype != torch.float32:
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
@@ -78,7 +86,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def matmul(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
     """a @ b for 2-D operands, without autograd (for code that writes its own backward)."""
-    if a_MK.numel() and uses_onednn(a_MK) and b_KN.dtype == torch.float32:
+    if uses_onednn(a_MK, a_MK.numel() * b_KN.shape[1]) and b_KN.dtype == torch.float32:
         return _onednn(a_MK, b_KN.t(), None)
     return a_MK @ b_KN
 
@@ -132,7 +140,7 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tens
 
     fp32 on CPU: one oneDNN GEMM per expert (reading the counts costs no device sync there). Elsewhere one
     `F.grouped_mm` with no host sync, or, where the device lacks it, one GEMM per expert."""
-    if uses_onednn(x_NI) and w_EOI.dtype == torch.float32 and x_NI.shape[0]:
+    if uses_onednn(x_NI, x_NI.numel() * w_EOI.shape[1]) and w_EOI.dtype == torch.float32:
         counts = counts_E.tolist()
         if torch.is_grad_enabled() and (x_NI.requires_grad or w_EOI.requires_grad):
             return _OneDNNGroupedLinear.apply(x_NI, w_EOI, counts)

@@ -6,6 +6,7 @@ Shape suffixes: B batch, S sequence, H heads, D hidden, d head dim, R rotary dim
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zaya_train.kernels.linear import linear
@@ -40,8 +41,15 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight, None
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _RMSNorm.apply(x, weight, eps)
+    if _needs_grad(x, weight):
+        return _RMSNorm.apply(x, weight, eps)
+    # Without autograd (decoding, evaluation) PyTorch's fused op is cheaper than a custom Function's dispatch.
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(weight.dtype) * weight
 
 
 class ZayaRMSNorm(nn.Module):
@@ -86,7 +94,9 @@ def scale_residual(
     hidden: torch.Tensor, residual: torch.Tensor, h_bias: torch.Tensor, h_scale: torch.Tensor, r_bias: torch.Tensor,
     r_scale: torch.Tensor,
 ) -> torch.Tensor:
-    return _ResidualScaling.apply(hidden, residual, h_bias, h_scale, r_bias, r_scale)
+    if _needs_grad(hidden, residual, h_bias, h_scale, r_bias, r_scale):
+        return _ResidualScaling.apply(hidden, residual, h_bias, h_scale, r_bias, r_scale)
+    return (hidden.float() + h_bias) * h_scale + (residual + r_bias) * r_scale
 
 
 class ZayaResidualScaling(nn.Module):

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from zaya_train.model import ZayaCache, ZayaForCausalLM
+from zaya_train.model.decode import DecodeStep
 from zaya_train.rollout.sampling import draw_uniforms, request_generator, sample
 
 FINISH_REASONS = ("eos", "stop", "length")
@@ -75,6 +76,7 @@ class RolloutEngine:
         if not isinstance(model, ZayaForCausalLM):
             raise TypeError(f"model must be a zaya_train ZayaForCausalLM, got {type(model).__name__}")
         self.model = model
+        self.decode_step = DecodeStep(model)
 
     @classmethod
     def from_pretrained(
@@ -168,11 +170,8 @@ class RolloutEngine:
                 inputs_B = torch.cat([inputs_B, first_B])
                 positions_B = torch.cat([positions_B, torch.tensor([len(r.prompt) for r in admitted], device=device)])
 
-            out = self.model(
-                inputs_B[:, None], position_ids=positions_B[:, None], cache=cache, return_router_ids=True
-            )
-            expert_log.append(([r.index for r in rows], out.router_ids[:, 0]))
-            logits_BV = out.logits[:, -1]
+            logits_BV, router_ids_BL = self.decode_step(inputs_B, positions_B, cache)
+            expert_log.append(([r.index for r in rows], router_ids_BL))
             live = [i for i, r in enumerate(rows) if r.finish_reason is None]
             if len(live) < len(rows):
                 live_B = torch.tensor(live, dtype=torch.long, device=device)
