@@ -7,7 +7,9 @@ Each (regime, implementation) runs in its own subprocess so peak memory is measu
 the timed steps minus RSS before them); the pair runs `--repeats` times alternately and each keeps its best
 median, which damps drift in a shared machine's speed. Model FLOP/s counts 6 x (active non-embedding + LM head) parameters per
 token plus causal attention (6 x layers x heads x head_dim x seq_len per token, fwd+bwd, the causal half of
-12 x ...), as a fraction of a large fp32 GEMM timed in the same run. The last line is `ratio=<HF time / our time>`
+12 x ...), as a fraction of the faster of two large fp32 GEMMs timed in the same run: PyTorch's BLAS (`a @ b`,
+MKL) and our kernel (`zaya_train.kernels.linear.matmul`, oneDNN: on AMD CPUs MKL runs its AVX2 code, about half
+the AVX-512 rate). The last line is `ratio=<HF time / our time>`
 of the last regime run.
 """
 
@@ -75,11 +77,17 @@ def worker(regime: str, impl: str, steps: int, warmup: int) -> dict:
     return {"seconds": seconds, "peak_bytes": max(peak - base, 0)}
 
 
-def gemm_flops(size: int = 2048, steps: int = 10) -> float:
+def gemm_flops(size: int = 2048, steps: int = 10) -> dict[str, float]:
+    """FLOP/s of a large fp32 GEMM through PyTorch's BLAS (`a @ b`) and through our kernel (oneDNN on CPU)."""
     import torch
 
+    from zaya_train.kernels.linear import matmul
+
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / median_seconds(lambda: a @ b, steps, warmup=3)
+    return {
+        "torch.mm": 2 * size**3 / median_seconds(lambda: a @ b, steps, warmup=3),
+        "kernels.linear.matmul": 2 * size**3 / median_seconds(lambda: matmul(a, b), steps, warmup=3),
+    }
 
 
 def model_flops_per_step(regime: str) -> float:
@@ -110,8 +118,10 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, args.steps, args.warmup)))
         return
 
-    peak_gemm = gemm_flops()
-    print(f"fp32 GEMM 2048^3: {peak_gemm / 1e9:.1f} GFLOP/s ({args.threads} threads, torch {torch.__version__})")
+    rates = gemm_flops()
+    for name, rate in rates.items():
+        print(f"fp32 GEMM 2048^3 via {name}: {rate / 1e9:.1f} GFLOP/s ({args.threads} threads, torch {torch.__version__})")
+    peak_gemm = max(rates.values())
     regimes = list(REGIMES) if args.regime == "all" else [args.regime]
     ratio = None
     for regime in regimes:
