@@ -103,7 +103,7 @@ class DecodeStep:
         key_valid_BK = None
         if cache.key_valid is not None:
             key_valid_BK = torch.cat([cache.key_valid, cache.key_valid.new_ones(batch, 1)], dim=1)
-        masks = {t: self._key_mask(t, key_valid_BK, past + 1) for t in set(config.layer_types)}
+        masks = {t: self._key_mask(t, key_valid_BK, past + 1, tokens_B.device) for t in set(config.layer_types)}
         ropes = {
             t: rope_cos_sin(positions_B[:, None], getattr(model, f"{t}_inv_freq")) for t in set(config.layer_types)
         }
@@ -129,13 +129,15 @@ class DecodeStep:
         logits_BV = self.model.lm_head(model.norm(residual_BD))
         return logits_BV, torch.stack(ids_per_layer, dim=1)
 
-    def _key_mask(self, layer_type: str, key_valid_BK: torch.Tensor | None, keys: int) -> torch.Tensor | None:
+    def _key_mask(
+        self, layer_type: str, key_valid_BK: torch.Tensor | None, keys: int, device: torch.device
+    ) -> torch.Tensor | None:
         """Additive mask [B, 1, 1, K] (0 or -inf) for the new token's query, or None when it sees every key."""
         config = self.model.config
         window = config.sliding_window if layer_type == "hybrid_sliding" else None
         if key_valid_BK is None and (window is None or window >= keys):
             return None
-        visible_BK = key_valid_BK if key_valid_BK is not None else torch.ones(1, keys, dtype=torch.bool)
+        visible_BK = key_valid_BK if key_valid_BK is not None else torch.ones(1, keys, dtype=torch.bool, device=device)
         if window is not None and window < keys:
             visible_BK = visible_BK.clone()
             visible_BK[:, : keys - window] = False
