@@ -47,12 +47,13 @@ def decode(model, prompt, mask, continuation):
     return torch.stack(logits, dim=1), torch.stack(router_ids, dim=1), cache
 
 
+@pytest.mark.parametrize("lengths", [[4, 9, 6], [9, 9, 9]], ids=["left_padded", "unpadded"])
 @pytest.mark.parametrize("dense", [True, False], ids=["dense_experts", "grouped_experts"])
-def test_decode_step_equals_full_forward(models, dense, monkeypatch):
+def test_decode_step_equals_full_forward(models, dense, lengths, monkeypatch):
     monkeypatch.setattr(decode_module, "DENSE_EXPERT_MACS_PER_EXPERT", 2**40 if dense else 0)
     hf_model, model = models
     assert DecodeStep(model).dense_experts(3) is dense
-    prompt, mask = left_padded_batch(model.config.vocab_size, [4, 9, 6])
+    prompt, mask = left_padded_batch(model.config.vocab_size, lengths)
     continuation = torch.randint(3, model.config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(1))
     logits, router_ids, cache = decode(model, prompt, mask, continuation)
 
@@ -67,7 +68,10 @@ def test_decode_step_equals_full_forward(models, dense, monkeypatch):
     assert (router_ids[..., 2] == model.config.num_experts).all(), "the skip class is exercised"
     assert len(router_ids[..., :2].unique()) > 2, "rows route to different experts"
     assert cache.get_seq_length() == full_ids.shape[1]
-    assert torch.equal(cache.key_valid, full_mask.bool())
+    if full_mask.all():
+        assert cache.key_valid is None
+    else:
+        assert torch.equal(cache.key_valid, full_mask.bool())
 
 
 def cache_after_prefill(model, prompt, mask):
