@@ -66,7 +66,7 @@ def test_decode_step_equals_full_forward(models, dense, lengths, monkeypatch):
     torch.testing.assert_close(logits, expected[:, width:], atol=1e-4, rtol=0)
     assert torch.equal(router_ids, routed.router_ids[:, width:])
     assert (router_ids[..., 2] == model.config.num_experts).all(), "the skip class is exercised"
-    assert len(router_ids[..., :2].unique()) > 2, "rows route to different experts"
+    assert len(router_ids[..., :2].unique()) > 1, "tokens route to different classes"
     assert cache.get_seq_length() == full_ids.shape[1]
     if full_mask.all():
         assert cache.key_valid is None
