@@ -80,8 +80,9 @@ def per_expert_loop(x_NI, w_EOI, counts_E):
 
 def test_grouped_linear_matches_per_expert_loop_with_empty_experts():
     g = torch.Generator().manual_seed(3)
-    counts = torch.tensor([5, 0, 9, 0, 2])
-    x = torch.randn(16, 24, generator=g)
+    # Row windows wider than an expert's rows reach into its neighbours' rows, and the last one past the end.
+    counts = torch.tensor([37, 0, 21, 0, 70])
+    x = torch.randn(128, 24, generator=g)
     w = torch.randn(5, 40, 24, generator=g)
     out, (gx, gw) = grads_of(lambda x, w: grouped_linear(x, w, counts), x, w)
     ref, (ref_gx, ref_gw) = grads_of(lambda x, w: per_expert_loop(x, w, counts), x.double(), w.double())
@@ -89,6 +90,12 @@ def test_grouped_linear_matches_per_expert_loop_with_empty_experts():
     torch.testing.assert_close(gx, ref_gx.float(), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(gw, ref_gw.float(), atol=1e-4, rtol=1e-5)
     assert (gw[1] == 0).all() and (gw[3] == 0).all(), "experts that saw no tokens get a zero gradient"
+
+
+def test_bucket_rows_bounds_the_number_of_gemm_shapes():
+    buckets = [kernels_linear.bucket_rows(count) for count in range(1, 5000)]
+    assert all(count <= b <= max(count * 1.125, count + 1) for count, b in zip(range(1, 5000), buckets))
+    assert len(set(buckets)) < 110  # 8 per power of two, instead of one per row count
 
 
 def test_env_switch_turns_the_path_off(monkeypatch):

@@ -1,20 +1,16 @@
-"""The single-token decode step equals transformers' full forward at every generated position, on left-padded
-rows with sliding-window layers, with the experts run densely and through the grouped dispatch, and picks up
-in-place weight updates."""
+"""The single-token decode step equals transformers' full forward at every generated position (left-padded and
+unpadded rows, a sliding window narrower than the context, experts run densely and through the grouped
+dispatch) and picks up in-place weight updates."""
 
 import pytest
 import torch
 
 from tests.model.hf_reference import ours_from_hf, randomized_hf_model
+from tests.model.test_cache import CONFIG, positions
 from tests.model.test_parity import left_padded_batch
 from zaya_train.model import ZayaCache, preset
 from zaya_train.model import decode as decode_module
 from zaya_train.model.decode import DecodeStep
-
-CONFIG = dict(
-    num_hidden_layers=3, attention_bias=True, cca_time0=3, cca_time1=2,
-    layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=5,
-)
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +21,6 @@ def models():
     with torch.no_grad():
         hf_model.model.layers[2].mlp.gate.balancing_biases[-1] = 10.0  # every token skips the last layer's experts
     return hf_model, ours_from_hf(config, hf_model)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 @torch.no_grad()
