@@ -53,11 +53,18 @@ class DecodeStep:
         self.model = model
         self._key: tuple | None = None
         self._weights: list[_LayerWeights] = []
+        # What the rearranged weights are built from, collected once: walking the module tree every step would
+        # cost more than the step's GEMMs.
+        self._sources = [
+            t
+            for layer in model.model.layers
+            for t in (*layer.self_attn.qkv_proj.parameters(), layer.self_attn.qk_norm.temp, *layer.mlp.experts.parameters())
+        ]
 
     def layer_weights(self) -> list[_LayerWeights]:
-        """The rearranged weights, rebuilt when any parameter or buffer has changed since the last step."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        """The rearranged weights, rebuilt when a tensor they come from has changed (in place, as
+        `load_state_dict`, `.to()` and optimizer steps change them) since the last step."""
+        key = tuple((t.data_ptr(), t._version) for t in self._sources)
         if key != self._key:
             self._weights = [self._rearrange(layer) for layer in self.model.model.layers]
             self._key = key
