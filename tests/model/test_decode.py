@@ -89,6 +89,23 @@ def test_decode_step_follows_in_place_weight_updates(models):
     torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
 
 
+@torch.no_grad()
+def test_invalidate_picks_up_writes_the_version_counters_miss(models):
+    hf_model, trained = models
+    model = ours_from_hf(trained.config, hf_model)
+    prompt, mask = left_padded_batch(model.config.vocab_size, [5, 7])
+    step = DecodeStep(model)
+    token_B, position_B = prompt[:, -1], positions(mask)[:, -1] + 1
+    step(token_B, position_B, cache_after_prefill(model, prompt, mask))
+    model.model.layers[0].self_attn.qkv_proj.q_proj.weight.data.mul_(2.0)  # .data: no version bump
+    model.model.layers[1].mlp.experts.down_proj.data.mul_(2.0)
+    step.invalidate()
+    after = step(token_B, position_B, cache_after_prefill(model, prompt, mask))[0]
+    cache = cache_after_prefill(model, prompt, mask)
+    reference = model(token_B[:, None], position_ids=position_B[:, None], cache=cache).logits[:, -1]
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
+
+
 def test_decode_step_needs_a_prefilled_cache(models):
     _, model = models
     with pytest.raises(ValueError, match="prompt"):

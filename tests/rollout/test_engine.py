@@ -141,6 +141,30 @@ def test_load_weights_and_from_pretrained(engine, model, tmp_path):
     ]
 
 
+def test_live_model_trained_in_place_then_reloaded():
+    model = randomized_model(0)
+    engine = RolloutEngine(model)
+    batch = prompts([5, 8], seed=7)
+    engine.generate(batch, 6, temperature=0, eos_token_id=[])  # builds the fused and rearranged weights
+    other = randomized_model(1)
+    with torch.no_grad():
+        for source, target in zip(other.state_dict().values(), model.state_dict().values()):
+            target.data.copy_(source)  # as an optimizer writing through .data: no version bump
+    engine.load_weights(model)
+    for prompt, result in zip(batch, engine.generate(batch, 6, temperature=1.0, seed=3, eos_token_id=[])):
+        logits_NV, _ = teacher_forced(other, prompt, result.token_ids)  # with autograd on: nothing cached
+        expected_N = logits_NV.log_softmax(-1).gather(-1, torch.tensor(result.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(result.logprobs), expected_N, atol=1e-4, rtol=0)
+
+
+def test_zero3_partitioned_weights_decode_through_the_general_forward(engine, model, monkeypatch):
+    batch = prompts([4, 9], seed=8)
+    expected = [r.token_ids for r in engine.generate(batch, 5, temperature=0, eos_token_id=[])]
+    monkeypatch.setattr(model.lm_head.weight, "ds_id", 0, raising=False)  # what ZeRO-3 marks its parameters with
+    monkeypatch.setattr(engine, "decode_step", lambda *args: pytest.fail("DecodeStep cannot gather ZeRO-3 weights"))
+    assert [r.token_ids for r in engine.generate(batch, 5, temperature=0, eos_token_id=[])] == expected
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [

@@ -5,7 +5,8 @@ Why: PyTorch's CPU BLAS is Intel MKL, which runs its AVX2 code on AMD CPUs; oneD
 CPU build) runs AVX-512 there. On the 2-core Zen 5 development machine an fp32 [2048, 128] x [128, 512] GEMM
 takes 1.25 ms through `F.linear` and 0.55 ms through oneDNN, the same numbers to the last bit at that size. The
 oneDNN entry point (`torch.ops.mkldnn._linear_pointwise`) has no autograd, so the backward passes below are
-written out: dx = dy @ W and dW = dy^T @ x, both again through oneDNN.
+written out: dx = dy @ W and dW = dy^T @ x, through oneDNN (per-expert weight gradients through BLAS, see
+`_OneDNNGroupedLinear`).
 
     from zaya_train.kernels.linear import linear, grouped_linear, matmul
     y = linear(x, weight, bias)                            # == F.linear(x, weight, bias)
@@ -49,7 +50,7 @@ def uses_onednn(x: torch.Tensor, macs: int = ONEDNN_MIN_MACS) -> bool:
     """Whether a GEMM of `macs` multiply-adds on tensors like `x` takes the oneDNN path (fp32, CPU, oneDNN
     present, at least ONEDNN_MIN_MACS)."""
     return (
-        macs >= ONEDNN_MIN_MACS and x.device.type == "cpu" and x.dtype == torch.float32
+        macs > 0 and macs >= ONEDNN_MIN_MACS and x.device.type == "cpu" and x.dtype == torch.float32
         and _onednn_linear_available()
     )
 

@@ -61,6 +61,11 @@ class ZayaCCAProjection(nn.Module):
         bias_Ho = self.conv_qk_grouped.bias.view(groups, d) + torch.einsum("hoik,hi->ho", w1_HoiK, b0_Hi)
         return weight_HoiT.reshape(groups * d, d, self.num_taps), bias_Ho.reshape(groups * d)
 
+    def forget_fused_weights(self) -> None:
+        """Drops the cached fused weights, for weights changed in ways their version counters miss (writes through
+        `.data`, replaced Parameters)."""
+        self._fused_key, self._fused = None, ()
+
     def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(q|k|v_cur|v_del weight, bias, composed conv weight, conv bias). Without autograd (decoding) they are
         built once per weight update and reused: rebuilding them every decode step would copy every projection

@@ -9,7 +9,11 @@ general forward (which also handles prompts, padding and packed rows):
 - when every expert on every row costs fewer FLOPs than a GEMM call per expert (small batches, small experts,
   as in `nano`), the experts run densely: one GEMM for all gate/up projections, one for all down projections
   with every row's non-chosen experts weighted zero. Otherwise the grouped dispatch of `ZayaExperts` runs.
-Every weight rearrangement is built once per weight update (keyed on the parameters' storage and version).
+Every weight rearrangement is built once per weight update: it is keyed on the storage and version counter of
+the tensors it comes from, which in-place updates (`load_state_dict`, `.to()`, optimizer steps through autograd-
+visible ops) change. Writes through `.data` and replaced Parameters are invisible to that key: call
+`invalidate()` after them (`RolloutEngine.load_weights` does). Parameters partitioned by ZeRO-3 are not gathered
+here; `RolloutEngine` decodes those through the general forward.
 
     from zaya_train.model.decode import DecodeStep
     step = DecodeStep(model)                                # model: a ZayaForCausalLM
@@ -44,34 +48,39 @@ class _LayerWeights:
     conv_weight_HId: torch.Tensor  # [H, T*d, d]: row (t, i) of group h maps input channel i at tap t
     conv_bias_Hd: torch.Tensor
     qk_scale_H1: torch.Tensor  # sqrt(d) for queries, sqrt(d) * temp for keys
-    gate_up_weight: torch.Tensor  # [E*2F, D]: every expert's gate/up rows
-    down_weight: torch.Tensor  # [D, E*F]: every expert's down projection side by side
+    # Only for models small enough to run dense experts (a copy of every expert's weights otherwise).
+    gate_up_weight: torch.Tensor | None  # [E*2F, D]: every expert's gate/up rows
+    down_weight: torch.Tensor | None  # [D, E*F]: every expert's down projection side by side
 
 
 class DecodeStep:
     def __init__(self, model: ZayaForCausalLM) -> None:
         self.model = model
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forgets every rearranged weight; the next step rebuilds them from the model's current parameters."""
         self._key: tuple | None = None
         self._weights: list[_LayerWeights] = []
-        # What the rearranged weights are built from, collected once: walking the module tree every step would
+        # What the rearranged weights are built from, collected here: walking the module tree every step would
         # cost more than the step's GEMMs.
-        self._sources = [
-            t
-            for layer in model.model.layers
-            for t in (*layer.self_attn.qkv_proj.parameters(), layer.self_attn.qk_norm.temp, *layer.mlp.experts.parameters())
-        ]
+        self._sources = []
+        for layer in self.model.model.layers:
+            layer.self_attn.qkv_proj.forget_fused_weights()
+            self._sources += [*layer.self_attn.qkv_proj.parameters(), layer.self_attn.qk_norm.temp]
+            self._sources += layer.mlp.experts.parameters()
 
     def layer_weights(self) -> list[_LayerWeights]:
-        """The rearranged weights, rebuilt when a tensor they come from has changed (in place, as
-        `load_state_dict`, `.to()` and optimizer steps change them) since the last step."""
+        """The rearranged weights, rebuilt when a tensor they come from has changed in place since the last step."""
         key = tuple((t.data_ptr(), t._version) for t in self._sources)
         if key != self._key:
-            self._weights = [self._rearrange(layer) for layer in self.model.model.layers]
+            dense = self.dense_experts(1)
+            self._weights = [self._rearrange(layer, dense) for layer in self.model.model.layers]
             self._key = key
         return self._weights
 
     @staticmethod
-    def _rearrange(layer: ZayaDecoderLayer) -> _LayerWeights:
+    def _rearrange(layer: ZayaDecoderLayer, dense_experts: bool) -> _LayerWeights:
         cca = layer.self_attn.qkv_proj
         groups, d, taps = cca.num_heads + cca.num_kv_heads, cca.head_dim, cca.num_taps
         proj_weight, proj_bias, conv_CdT, conv_bias_C = cca.fused_weights()
@@ -86,11 +95,12 @@ class DecodeStep:
             conv_weight_HId=conv_HId.contiguous(),
             conv_bias_Hd=conv_bias_C.view(groups, d),
             qk_scale_H1=qk_scale_H1,
-            gate_up_weight=experts.gate_up_proj.reshape(num_experts * 2 * inter, hidden),
-            down_weight=experts.down_proj.permute(1, 0, 2).reshape(hidden, num_experts * inter),
+            gate_up_weight=experts.gate_up_proj.reshape(num_experts * 2 * inter, hidden) if dense_experts else None,
+            down_weight=experts.down_proj.permute(1, 0, 2).reshape(hidden, num_experts * inter) if dense_experts else None,
         )
 
     def dense_experts(self, rows: int) -> bool:
+        """Whether a step over `rows` rows runs every expert densely (see DENSE_EXPERT_MACS_PER_EXPERT)."""
         config = self.model.config
         work = (config.num_experts - 1) * rows * config.hidden_size * config.moe_intermediate_size
         return work <= DENSE_EXPERT_MACS_PER_EXPERT * config.num_experts

@@ -13,7 +13,8 @@ from zaya_train.kernels.linear import linear
 
 
 class Linear(nn.Linear):
-    """nn.Linear through `zaya_train.kernels.linear` (oneDNN for fp32 on CPU); same parameters and results."""
+    """nn.Linear through `zaya_train.kernels.linear` (oneDNN for fp32 on CPU): the same parameters, and the same
+    results up to rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

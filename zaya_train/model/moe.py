@@ -1,8 +1,9 @@
 """Top-1 SwiGLU experts with sort-based grouped dispatch, and the ZAYA1 MoE block (router + experts).
 
 Dispatch: tokens are sorted by expert id and every expert runs on its contiguous slice
-(`zaya_train.kernels.linear.grouped_linear`: one grouped GEMM on GPUs, one oneDNN GEMM per expert in fp32 on
-CPU; a loop over experts, never over tokens); outputs are weighted and scattered back.
+(`zaya_train.kernels.linear.grouped_linear`: one `F.grouped_mm` where the device and dtype support it, one
+oneDNN GEMM per expert in fp32 on CPU, else one GEMM per expert; a loop over experts, never over tokens);
+outputs are weighted and scattered back.
 Tokens routed to the skip class produce zero, as in HF. `reference_experts` is HF's per-expert loop, kept as
 the test oracle.
 

@@ -8,7 +8,8 @@
     engine.load_weights(trainer_model_or_state_dict)       # after a policy update
 
 How a call runs: up to `max_batch_size` requests are prefilled together (left-padded, positions restart at each
-prompt's first token) and then decoded one token per step. A row that has finished takes part in exactly one
+prompt's first token) and then decoded one token per step (`zaya_train.model.decode.DecodeStep`; the general
+forward for ZeRO-3-partitioned weights, which only it gathers). A row that has finished takes part in exactly one
 more step, which feeds its final token so that token's routing is recorded too, and then leaves the batch
 (`ZayaCache.select`); waiting requests are prefilled on their own and appended to the running batch
 (`ZayaCache.extend`, which right-aligns the two caches). Cache memory is held for the live rows only.
@@ -96,6 +97,8 @@ class RolloutEngine:
         names) or a state dict; a tied `lm_head.weight` may be absent, as in HF exports."""
         source = state_dict_or_model
         if source is self.model:
+            # Trained in place: its weights may have changed in ways the cached fused weights cannot see.
+            self.decode_step.invalidate()
             return
         if isinstance(source, nn.Module):
             state = source.state_dict()
@@ -116,6 +119,7 @@ class RolloutEngine:
                 f"unexpected {unexpected[:8]}, misshapen {misshapen[:8]}"
             )
         self.model.load_state_dict(state, strict=True)
+        self.decode_step.invalidate()
 
     @torch.inference_mode()
     def generate(
@@ -156,6 +160,8 @@ class RolloutEngine:
         positions_B = torch.empty(0, dtype=torch.long, device=device)
         # Per decode step: the request index of every row and the routing of the token each row was fed.
         expert_log: list[tuple[list[int], torch.Tensor]] = []
+        # ZeRO-3 gathers partitioned weights only inside its leaf modules' forwards, which DecodeStep bypasses.
+        partitioned = any(hasattr(p, "ds_id") for p in self.model.parameters())
 
         while pending or rows:
             free = max_batch_size - len(rows)
@@ -170,7 +176,13 @@ class RolloutEngine:
                 inputs_B = torch.cat([inputs_B, first_B])
                 positions_B = torch.cat([positions_B, torch.tensor([len(r.prompt) for r in admitted], device=device)])
 
-            logits_BV, router_ids_BL = self.decode_step(inputs_B, positions_B, cache)
+            if partitioned:
+                out = self.model(
+                    inputs_B[:, None], position_ids=positions_B[:, None], cache=cache, return_router_ids=True
+                )
+                logits_BV, router_ids_BL = out.logits[:, -1], out.router_ids[:, 0]
+            else:
+                logits_BV, router_ids_BL = self.decode_step(inputs_B, positions_B, cache)
             expert_log.append(([r.index for r in rows], router_ids_BL))
             live = [i for i, r in enumerate(rows) if r.finish_reason is None]
             if len(live) < len(rows):
