@@ -103,7 +103,7 @@ class _OneDNNGroupedLinear(torch.autograd.Function):
     def forward(ctx, x_NI, w_EOI, counts):
         ctx.save_for_backward(x_NI, w_EOI)
         ctx.counts = counts
-        return torch.cat([_windowed(x_NI, start, count, w_EOI[e]) for e, start, count in _expert_rows(counts)])
+        return _per_expert_onednn(x_NI, w_EOI, counts)
 
     @staticmethod
     def backward(ctx, grad_NO):
@@ -124,6 +124,10 @@ def bucket_rows(count: int) -> int:
     """`count` rounded up to one of eight sizes per power of two (at most 12.5% more rows)."""
     step = 1 << max(count.bit_length() - 4, 0)
     return -(-count // step) * step
+
+
+def _per_expert_onednn(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    return torch.cat([_windowed(x_NI, start, count, w_EOI[e]) for e, start, count in _expert_rows(counts)])
 
 
 def _windowed(rows_NI: torch.Tensor, start: int, count: int, weight_OI: torch.Tensor) -> torch.Tensor:
@@ -166,7 +170,7 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tens
         counts = counts_E.tolist()
         if torch.is_grad_enabled() and (x_NI.requires_grad or w_EOI.requires_grad):
             return _OneDNNGroupedLinear.apply(x_NI, w_EOI, counts)
-        return torch.cat([_windowed(x_NI, start, count, w_EOI[e]) for e, start, count in _expert_rows(counts)])
+        return _per_expert_onednn(x_NI, w_EOI, counts)
     if grouped_mm_supported(x_NI.device.type, x_NI.dtype):
         return F.grouped_mm(x_NI, w_EOI.transpose(1, 2), offs=counts_E.cumsum(0).to(torch.int32))
     pieces = torch.split(x_NI, counts_E.tolist())
