@@ -8,9 +8,10 @@ the timed steps minus RSS before them); the pair runs `--repeats` times alternat
 median, which damps drift in a shared machine's speed. Model FLOP/s counts 6 x (active non-embedding + LM head) parameters per
 token plus causal attention (6 x layers x heads x head_dim x seq_len per token, fwd+bwd, the causal half of
 12 x ...), as a fraction of the faster of two large fp32 GEMMs timed in the same run: PyTorch's BLAS (`a @ b`,
-MKL) and our kernel (`zaya_train.kernels.linear.matmul`, oneDNN: on AMD CPUs MKL runs its AVX2 code, about half
-the AVX-512 rate). The last line is `ratio=<HF time / our time>`
-of the last regime run.
+MKL) and oneDNN (on AMD CPUs MKL runs its AVX2 code, about half the AVX-512 rate). The run first prints the CPU
+and the route our fp32 CPU GEMMs took (`zaya_train.kernels.linear.cpu_gemm_route`: by CPU vendor, or
+ZAYA_CPU_GEMM), since figures compare only on the same CPU and route. The last line is
+`ratio=<HF time / our time>` of the last regime run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -77,21 +79,42 @@ def worker(regime: str, impl: str, steps: int, warmup: int) -> dict:
     return {"seconds": seconds, "peak_bytes": max(peak - base, 0)}
 
 
+def cpu_description() -> str:
+    """The CPU as /proc/cpuinfo names it (a VM may mask the model name, so family and model numbers too), else
+    as `platform` does."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+    if "vendor_id" not in fields:  # e.g. aarch64 lists implementer and part numbers instead
+        return f"{platform.machine()} ({', '.join(f'{k} {v}' for k, v in fields.items() if k.startswith('CPU '))})"
+    avx512 = "AVX-512" if "avx512f" in fields.get("flags", "").split() else "no AVX-512"
+    return (f"{fields.get('model name', '?')} ({fields['vendor_id']}, family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}, {avx512})")
+
+
 def peak_gemm_flops(size: int = 2048, steps: int = 10) -> float:
-    """Times a large fp32 GEMM through PyTorch's BLAS (`a @ b`) and through our kernel (oneDNN on CPU), prints
-    both and returns the faster FLOP/s: the reference for model FLOP/s."""
+    """Prints the CPU and our GEMM route, times a large fp32 GEMM through PyTorch's BLAS (`a @ b`) and through
+    oneDNN (both, whichever route our kernels take), prints both and returns the faster FLOP/s: the reference for
+    model FLOP/s."""
     import torch
 
-    from zaya_train.kernels.linear import matmul
+    from zaya_train.kernels.linear import cpu_gemm_route
 
+    override = os.environ.get("ZAYA_CPU_GEMM")
+    print(f"CPU: {cpu_description()}; {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"zaya_train fp32 CPU GEMM route: {cpu_gemm_route()} "
+          f"({f'ZAYA_CPU_GEMM={override}' if override else 'by CPU vendor'})")
     a, b = torch.randn(size, size), torch.randn(size, size)
-    rates = {
-        "torch.mm": 2 * size**3 / median_seconds(lambda: a @ b, steps, warmup=3),
-        "kernels.linear.matmul": 2 * size**3 / median_seconds(lambda: matmul(a, b), steps, warmup=3),
-    }
+    gemms = {"torch.mm": lambda: a @ b}
+    if torch.backends.mkldnn.is_available():
+        bt = b.t()
+        gemms["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
+    rates = {name: 2 * size**3 / median_seconds(fn, steps, warmup=3) for name, fn in gemms.items()}
     for name, rate in rates.items():
-        print(f"fp32 GEMM {size}^3 via {name}: {rate / 1e9:.1f} GFLOP/s "
-              f"({torch.get_num_threads()} threads, torch {torch.__version__})")
+        print(f"fp32 GEMM {size}^3 via {name}: {rate / 1e9:.1f} GFLOP/s")
     return max(rates.values())
 
 

@@ -71,7 +71,7 @@ def bare(cfg, run_dir: Path, steps: int) -> list[float]:
     tokenizer = data.tokenizer
     special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                "eos_token_id": tokenizer.eos_token_id}
-    model = ZayaForCausalLM(cfg.model.build(vocab_size=-(-len(tokenizer) // 64) * 64, special_ids=special)).train()
+    model = ZayaForCausalLM(cfg.model.build(tokenizer_size=len(tokenizer), special_ids=special)).train()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule)
     loader = iter(PackedLoader(data.windows, LoaderConfig(micro_batch_size=cfg.data.micro_batch_size, seed=cfg.seed)))
@@ -109,7 +109,7 @@ def worker(regime: str, impl: str, steps: int, warmup: int, workdir: Path, data_
     from zaya_train.train.metrics import model_flops_per_token
 
     vocab = cfg.model.vocab_size or 64
-    flops = model_flops_per_token(cfg.model.build(vocab_size=vocab, special_ids={}), seq_len) * tokens
+    flops = model_flops_per_token(cfg.model.build(tokenizer_size=vocab, special_ids={}), seq_len) * tokens
     return {"seconds": statistics.median(times[warmup:]), "tokens": tokens, "flops": flops,
             "threads": torch.get_num_threads()}
 

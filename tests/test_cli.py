@@ -52,6 +52,28 @@ def test_cli_fails_fast_with_one_line(tmp_path):
     assert unknown.returncode == 2 and "recipe" in unknown.stderr
 
 
+def test_paths_that_hold_no_checkpoint_fail_fast_naming_the_key(tmp_path):
+    """A directory without a checkpoint given as trainer.resume, model.init_from or an evaluation checkpoint: one
+    line naming the key, exit code 2, nothing run."""
+    empty = tmp_path / "empty_run"
+    (empty / "checkpoints" / ".tmp-step_00000010").mkdir(parents=True)  # an interrupted write is not a checkpoint
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "weights.bin").write_bytes(b"")
+    cases = [
+        ([f"trainer.resume={empty}"], "trainer.resume"),
+        ([f"model.init_from={stray}"], "model.init_from"),
+        ([f"model.init_from={tmp_path / 'missing'}"], "model.init_from"),
+        (["recipe=eval_rsa", f"checkpoint={empty}"], "checkpoint"),
+    ]
+    for overrides, key in cases:
+        proc = cli(*overrides, f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (overrides, proc.stderr[-2000:])
+        assert lines[0].startswith(f"zaya-train: error: {key}: "), lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_sweep_runs_one_job_per_value(tmp_path):
     proc = cli("-m", "trainer.max_steps=2,3", "trainer.save_interval=10", *FAST, f"run_dir={tmp_path / 'sweep'}",
                cwd=tmp_path)

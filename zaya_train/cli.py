@@ -196,6 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [a for a in rest if not a.startswith("-")]
     informational = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") for a in rest)
     if not informational:
+        from zaya_train.kernels.linear import cpu_gemm_route
+
+        try:
+            cpu_gemm_route()
+        except ValueError as err:
+            print(f"zaya-train: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
         try:
             check_config(recipe, overrides)
         except ConfigError as err:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zaya_train.model import ZayaConfig, ZayaForCausalLM
+from zaya_train.model.state import model_from_state_dict
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -115,11 +116,6 @@ def _weight_files(path: Path) -> list[Path]:
     raise ValueError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (found: {found or 'no weight files'})")
 
 
-def _name_list(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 def load_pretrained(
     path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", **config_overrides
 ) -> ZayaForCausalLM:
@@ -130,39 +126,11 @@ def load_pretrained(
     for name, value in config_overrides.items():
         setattr(config, name, value)
     config.validate()
-    with torch.device("meta"):
-        model = ZayaForCausalLM(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight")
-
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():
                 tensors[name] = f.get_tensor(name)
-    extra = sorted(set(tensors) - set(expected))
-    if tied and "lm_head.weight" in extra:
-        head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
-        if embed is not None and head.shape == embed.shape and torch.equal(head, embed):
-            extra.remove("lm_head.weight")
-            del tensors["lm_head.weight"]
-    missing = sorted(set(expected) - set(tensors))
-    misshapen = sorted(
-        f"{name} {tuple(tensors[name].shape)} (expected {expected[name]})"
-        for name in set(expected) & set(tensors)
-        if tuple(tensors[name].shape) != expected[name]
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_name_list(missing)}")
-    if extra:
-        problems.append(f"unexpected tensors: {_name_list(extra)}")
-    if misshapen:
-        problems.append(f"misshapen tensors: {_name_list(misshapen)}")
-    if problems:
-        raise ValueError(f"{path} does not match its zaya config: " + "; ".join(problems))
 
     def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if name.endswith("balancing_biases"):
@@ -170,10 +138,4 @@ def load_pretrained(
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
     state = {name: cast(name, t) for name, t in tensors.items()}
-    if tied:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.materialize_rope(device)
-    return model
+    return model_from_state_dict(config, state, source=str(path), device=device)

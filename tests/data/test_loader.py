@@ -107,3 +107,18 @@ def test_mistakes_are_reported():
     loader = PackedLoader(WINDOWS, LoaderConfig(micro_batch_size=1, seed=1), 0, 1)
     with pytest.raises(ValueError, match="seed=0"):
         loader.load_state_dict({"windows_consumed": 4, "seed": 0, "shuffle": True})
+
+
+def test_a_stream_pass_without_windows_is_an_error():
+    passes = []
+
+    def empty_stream():
+        passes.append(len(passes))
+        if len(passes) > 3:
+            raise AssertionError("the loader keeps restarting a stream that yields nothing")
+        return iter([])
+
+    loader = PackedLoader(empty_stream, LoaderConfig(micro_batch_size=1), 0, 1)
+    with pytest.raises(ValueError, match="pass 0 over the window stream yielded no window"):
+        next(loader)
+    assert passes == [0]

@@ -47,6 +47,7 @@ def test_malformed_jsonl_rows_are_counted_and_skipped(tmp_path):
         "skipped/wrong_type": 2,
     }
     assert stats.examples[0] == f"{tmp_path / 'a.jsonl'}:2: bad_json"
+    assert stats.fields_of_row_missing_field == ["body"]
     assert "skipped 7" in stats.report()
 
 

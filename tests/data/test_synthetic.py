@@ -1,4 +1,4 @@
-"""The nano chain-sum task: the exact format of research/nano-experiment.md's worked example, fixed length,
+"""The nano chain-sum task: the exact format of a worked example written by hand, fixed length,
 solution-only labels, determinism by (seed, index), held-out exclusion, and the exact-answer checker.
 Run: pytest tests/data/test_synthetic.py"""
 

@@ -1,4 +1,4 @@
-"""Answer-preserving trimming (spec 6.2) on hand-made conversations, with the word-level tokenizer of conftest:
+"""Answer-preserving trimming (ZAYA1-8B report, arXiv 2605.05365, §III-A) on hand-made conversations, with the word-level tokenizer of conftest:
 every word, special token, `<think>` and `</think>` is one token, so a conversation's length is
 1 (BOS) + per message (1 role token + content tokens + 1 EOS). Run: pytest tests/data/test_trimming.py"""
 

@@ -1,21 +1,26 @@
 """The oneDNN CPU linear layers equal their references (F.linear, a per-expert loop) in outputs and gradients,
-checked against float64 math."""
+checked against float64 math; the route (oneDNN or PyTorch's own ops) follows the CPU vendor and ZAYA_CPU_GEMM."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from zaya_train.kernels import linear as kernels_linear
-from zaya_train.kernels.linear import grouped_linear, linear, matmul, uses_onednn
+from zaya_train.kernels.linear import cpu_gemm_route, cpu_vendor, grouped_linear, linear, matmul, uses_onednn
 
 pytestmark = pytest.mark.skipif(
-    not uses_onednn(torch.ones(1)), reason="this PyTorch build has no oneDNN linear on the CPU"
+    not kernels_linear._onednn_linear_available(), reason="this PyTorch build has no oneDNN linear on the CPU"
 )
 
 
 @pytest.fixture(autouse=True)
 def onednn_at_every_size(monkeypatch):
+    """Every test runs on the oneDNN route whatever this machine's CPU, and leaves no cached route behind."""
     monkeypatch.setattr(kernels_linear, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setenv("ZAYA_CPU_GEMM", "onednn")
+    cpu_gemm_route.cache_clear()
+    yield
+    cpu_gemm_route.cache_clear()
 
 
 def grads_of(fn, *tensors):
@@ -98,13 +103,73 @@ def test_bucket_rows_bounds_the_number_of_gemm_shapes():
     assert len(set(buckets)) < 110  # 8 per power of two, instead of one per row count
 
 
-def test_env_switch_turns_the_path_off(monkeypatch):
-    monkeypatch.setenv("ZAYA_CPU_GEMM", "aten")
-    kernels_linear._onednn_linear_available.cache_clear()
-    try:
-        assert not uses_onednn(torch.ones(1))
-    finally:
+def route_on(monkeypatch, vendor, env=None):
+    monkeypatch.setattr(kernels_linear, "cpu_vendor", lambda: vendor)
+    if env is None:
         monkeypatch.delenv("ZAYA_CPU_GEMM")
-        kernels_linear._onednn_linear_available.cache_clear()
-    assert uses_onednn(torch.ones(1))
+    else:
+        monkeypatch.setenv("ZAYA_CPU_GEMM", env)
+    cpu_gemm_route.cache_clear()
+    return cpu_gemm_route()
+
+
+@pytest.mark.parametrize(
+    ("vendor", "route"),
+    [("AuthenticAMD", "onednn"), ("GenuineIntel", "aten"), ("HygonGenuine", "aten"), (None, "aten")],
+)
+def test_route_follows_the_cpu_vendor(monkeypatch, vendor, route):
+    assert route_on(monkeypatch, vendor) == route
+    assert uses_onednn(torch.ones(1)) == (route == "onednn")
+
+
+@pytest.mark.parametrize(("vendor", "env"), [("AuthenticAMD", "aten"), ("GenuineIntel", "onednn"), (None, "ONEDNN")])
+def test_env_overrides_the_vendor_both_ways(monkeypatch, vendor, env):
+    assert route_on(monkeypatch, vendor, env) == env.lower()
+    calls = []
+    onednn = kernels_linear._onednn
+    monkeypatch.setattr(kernels_linear, "_onednn", lambda *a: calls.append(1) or onednn(*a))
+    x, weight = torch.randn(8, 16), torch.randn(4, 16)
+    torch.testing.assert_close(linear(x, weight), (x.double() @ weight.double().T).float())
+    assert bool(calls) == (env.lower() == "onednn")
     assert not uses_onednn(torch.ones(1, dtype=torch.bfloat16))
+
+
+def test_bad_env_value_names_the_variable(monkeypatch):
+    message = r"^ZAYA_CPU_GEMM: must be one of \('onednn', 'aten'\) or unset, got 'mkl'$"
+    with pytest.raises(ValueError, match=message):
+        route_on(monkeypatch, "GenuineIntel", "mkl")
+    with pytest.raises(ValueError, match="^ZAYA_CPU_GEMM: "):
+        linear(torch.randn(8, 16), torch.randn(4, 16))
+
+
+def test_forcing_onednn_without_it_is_an_error(monkeypatch):
+    monkeypatch.setattr(kernels_linear, "_onednn_linear_available", lambda: False)
+    with pytest.raises(ValueError, match="^ZAYA_CPU_GEMM: onednn was asked for"):
+        route_on(monkeypatch, "AuthenticAMD", "onednn")
+    assert route_on(monkeypatch, "AuthenticAMD") == "aten"
+
+
+CPUINFO = {
+    "AuthenticAMD": "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+    "model name\t: AMD EPYC\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n",
+    "GenuineIntel": "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+    "model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n",
+    None: "processor\t: 0\nBogoMIPS\t: 2000.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32\n"
+    "CPU implementer\t: 0x41\nCPU architecture: 8\n",  # aarch64 reports no vendor_id
+}
+
+
+@pytest.mark.parametrize("vendor", list(CPUINFO), ids=["amd", "intel", "aarch64"])
+def test_cpu_vendor_from_proc_cpuinfo(tmp_path, vendor):
+    (tmp_path / "cpuinfo").write_text(CPUINFO[vendor])
+    assert cpu_vendor(str(tmp_path / "cpuinfo")) == vendor
+
+
+@pytest.mark.parametrize(
+    ("processor", "vendor"),
+    [("Intel64 Family 6 Model 85 Stepping 7, GenuineIntel", "GenuineIntel"),
+     ("AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD", "AuthenticAMD"), ("arm", None)],
+)
+def test_cpu_vendor_without_proc(tmp_path, monkeypatch, processor, vendor):
+    monkeypatch.setattr(kernels_linear.platform, "processor", lambda: processor)
+    assert cpu_vendor(str(tmp_path / "no-such-file")) == vendor

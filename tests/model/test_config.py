@@ -36,7 +36,7 @@ def test_unknown_preset_and_field():
 
 
 def zaya1_block_params(D=2048, Q=8, G=2, d=128, E=16, F=2048, R=256, t0=2, t1=2) -> tuple[int, int]:
-    """Per-block (total, expert) parameter counts from the spec's shapes (zaya1-spec.md sections 1-4)."""
+    """Per-block (total, expert) parameter counts from the ZAYA1-8B report's shapes (arXiv 2605.05365)."""
     q, kv = Q * d, G * d
     conv = q + kv
     cca = D * q + D * kv + 2 * D * (kv // 2) + conv * t0 + conv + conv * d * t1 + conv + q * D + G

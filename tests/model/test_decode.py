@@ -30,13 +30,13 @@ def decode(model, prompt, mask, continuation):
     model(prompt, attention_mask=mask, position_ids=positions(mask), cache=cache)
     step = DecodeStep(model)
     position_B = positions(mask)[:, -1] + 1
-    logits, router_ids = [], []
+    logits, expert_ids = [], []
     for token_B in continuation.unbind(1):
         logits_BV, ids_BL = step(token_B, position_B, cache)
         logits.append(logits_BV)
-        router_ids.append(ids_BL)
+        expert_ids.append(ids_BL)
         position_B = position_B + 1
-    return torch.stack(logits, dim=1), torch.stack(router_ids, dim=1), cache
+    return torch.stack(logits, dim=1), torch.stack(expert_ids, dim=1), cache
 
 
 @pytest.mark.parametrize("lengths", [[4, 9, 6], [9, 9, 9]], ids=["left_padded", "unpadded"])
@@ -47,18 +47,18 @@ def test_decode_step_equals_full_forward(models, dense, lengths, monkeypatch):
     assert DecodeStep(model).dense_experts(3) is dense
     prompt, mask = left_padded_batch(model.config.vocab_size, lengths)
     continuation = torch.randint(3, model.config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(1))
-    logits, router_ids, cache = decode(model, prompt, mask, continuation)
+    logits, expert_ids, cache = decode(model, prompt, mask, continuation)
 
     full_ids = torch.cat([prompt, continuation], dim=1)
     full_mask = torch.cat([mask, torch.ones_like(continuation)], dim=1)
     with torch.no_grad():
         expected = hf_model(full_ids, attention_mask=full_mask, position_ids=positions(full_mask)).logits
-        routed = model(full_ids, attention_mask=full_mask, position_ids=positions(full_mask), return_router_ids=True)
+        routed = model(full_ids, attention_mask=full_mask, position_ids=positions(full_mask), return_expert_ids=True)
     width = prompt.shape[1]
     torch.testing.assert_close(logits, expected[:, width:], atol=1e-4, rtol=0)
-    assert torch.equal(router_ids, routed.router_ids[:, width:])
-    assert (router_ids[..., 2] == model.config.num_experts).all(), "the skip class is exercised"
-    assert len(router_ids[..., :2].unique()) > 1, "tokens route to different classes"
+    assert torch.equal(expert_ids, routed.expert_ids[:, width:])
+    assert (expert_ids[..., 2] == model.config.num_experts).all(), "the skip class is exercised"
+    assert len(expert_ids[..., :2].unique()) > 1, "tokens route to different classes"
     assert cache.get_seq_length() == full_ids.shape[1]
     if full_mask.all():
         assert cache.key_valid is None

@@ -21,6 +21,7 @@ def run(experts, fn, x, ids, weight):
 def test_dispatch_matches_reference(backend, monkeypatch):
     if backend == "onednn":
         monkeypatch.setattr(kernels_linear, "ONEDNN_MIN_MACS", 0)
+        monkeypatch.setattr(kernels_linear, "cpu_gemm_route", lambda: "onednn")
     else:
         monkeypatch.setattr(kernels_linear, "uses_onednn", lambda *_: False)
     if backend == "per_expert_gemm":

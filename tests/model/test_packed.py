@@ -36,15 +36,15 @@ def packed_rows(doc_lengths: list[list[int]], vocab: int):
 @torch.no_grad()
 def test_packed_equals_documents_alone(model):
     ids, doc_ids, docs = packed_rows([[5, 1, 7, 3], [2, 9, 5]], model.config.vocab_size)
-    out = model(ids, document_ids=doc_ids, return_router_ids=True)
+    out = model(ids, document_ids=doc_ids, return_expert_ids=True)
     packed_logits = out.logits.flatten(0, 1)
-    packed_routes = out.router_ids.flatten(0, 1)
+    packed_routes = out.expert_ids.flatten(0, 1)
     start = 0
     for doc in docs:
-        alone = model(doc[None], return_router_ids=True)
+        alone = model(doc[None], return_expert_ids=True)
         n = doc.numel()
         torch.testing.assert_close(packed_logits[start : start + n], alone.logits[0], atol=1e-5, rtol=0)
-        assert torch.equal(packed_routes[start : start + n], alone.router_ids[0])
+        assert torch.equal(packed_routes[start : start + n], alone.expert_ids[0])
         start += n
 
 

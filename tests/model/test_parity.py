@@ -88,9 +88,9 @@ def test_skip_class_forced_by_bias(tmp_path):
     assert ours.model.layers[1].mlp.gate.balancing_biases[-1].item() == 5.0, "our loader must keep the stored bias"
     ids, mask = left_padded_batch(config.vocab_size, [9, 6])
     with torch.no_grad():
-        out = ours(ids, attention_mask=mask, return_router_ids=True)
+        out = ours(ids, attention_mask=mask, return_expert_ids=True)
         assert_close_on_tokens(hf_model(ids, attention_mask=mask).logits, out.logits, mask)
-    assert (out.router_ids[..., 1][mask.bool()] == config.num_experts).all(), "layer 1 must route every token to skip"
+    assert (out.expert_ids[..., 1][mask.bool()] == config.num_experts).all(), "layer 1 must route every token to skip"
     assert out.tokens_per_expert[1, -1].item() == mask.sum().item()
 
 

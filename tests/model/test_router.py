@@ -17,19 +17,19 @@ def model():
 @torch.no_grad()
 def test_replaying_recorded_ids_reproduces_the_forward(model):
     ids = torch.randint(3, model.config.vocab_size, (2, 16))
-    recorded = model(ids, return_router_ids=True)
-    replayed = model(ids, routed_experts=recorded.router_ids, return_router_ids=True)
+    recorded = model(ids, return_expert_ids=True)
+    replayed = model(ids, expert_ids=recorded.expert_ids, return_expert_ids=True)
     assert torch.equal(replayed.logits, recorded.logits)
-    assert torch.equal(replayed.router_ids, recorded.router_ids)
+    assert torch.equal(replayed.expert_ids, recorded.expert_ids)
 
 
 @torch.no_grad()
 def test_other_ids_change_the_routing(model):
     ids = torch.randint(3, model.config.vocab_size, (2, 16))
-    recorded = model(ids, return_router_ids=True)
-    other = (recorded.router_ids + 1) % model.config.num_experts
-    replayed = model(ids, routed_experts=other, return_router_ids=True)
-    assert torch.equal(replayed.router_ids, other)
+    recorded = model(ids, return_expert_ids=True)
+    other = (recorded.expert_ids + 1) % model.config.num_experts
+    replayed = model(ids, expert_ids=other, return_expert_ids=True)
+    assert torch.equal(replayed.expert_ids, other)
     assert not torch.allclose(replayed.logits, recorded.logits)
 
 
@@ -41,7 +41,7 @@ def test_replay_trains_the_replayed_experts(model):
     routes[0, :6, 1] = model.config.num_experts  # layer 1: half the tokens skip, half to expert 4
     routes[0, 6:, 1] = 4
     model.zero_grad(set_to_none=True)
-    model(ids, routed_experts=routes).logits.sum().backward()
+    model(ids, expert_ids=routes).logits.sum().backward()
     for layer, used in [(0, {2}), (1, {4})]:
         grad = model.model.layers[layer].mlp.experts.gate_up_proj.grad
         touched = {e for e in range(model.config.num_experts) if grad[e].abs().sum() > 0}
@@ -54,9 +54,9 @@ def test_tokens_per_expert_counts_real_tokens(model):
     ids = torch.randint(3, model.config.vocab_size, (2, 10))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    out = model(ids, attention_mask=mask, return_router_ids=True)
+    out = model(ids, attention_mask=mask, return_expert_ids=True)
     for layer in range(model.config.num_hidden_layers):
-        chosen = out.router_ids[..., layer][mask.bool()]
+        chosen = out.expert_ids[..., layer][mask.bool()]
         expected = torch.bincount(chosen, minlength=model.config.num_experts + 1)
         assert torch.equal(out.tokens_per_expert[layer], expected)
     assert out.tokens_per_expert.sum(-1).tolist() == [17] * model.config.num_hidden_layers
@@ -64,10 +64,10 @@ def test_tokens_per_expert_counts_real_tokens(model):
 
 def test_replay_ids_are_validated(model):
     ids = torch.randint(3, model.config.vocab_size, (1, 4))
-    with pytest.raises(ValueError, match="routed_experts"):
-        model(ids, routed_experts=torch.full((1, 4, 3), model.config.num_experts + 1))
+    with pytest.raises(ValueError, match="expert_ids"):
+        model(ids, expert_ids=torch.full((1, 4, 3), model.config.num_experts + 1))
     with pytest.raises(ValueError, match="shape"):
-        model(ids, routed_experts=torch.zeros(1, 4, 2, dtype=torch.long))
+        model(ids, expert_ids=torch.zeros(1, 4, 2, dtype=torch.long))
 
 
 @torch.no_grad()

@@ -57,6 +57,7 @@ def test_training_gradients_equal_transformers(cpu_gemm, monkeypatch):
     kernels with their written-out backward passes) equal transformers' model on the same weights."""
     if cpu_gemm == "onednn":
         monkeypatch.setattr(kernels_linear, "ONEDNN_MIN_MACS", 0)  # every GEMM, however small, takes oneDNN
+        monkeypatch.setattr(kernels_linear, "cpu_gemm_route", lambda: "onednn")
     else:
         monkeypatch.setattr(kernels_linear, "uses_onednn", lambda *_: False)
     torch.manual_seed(0)
@@ -78,3 +79,12 @@ def test_training_gradients_equal_transformers(cpu_gemm, monkeypatch):
         torch.testing.assert_close(param.grad, hf_params[name].grad, atol=1e-5, rtol=1e-3, msg=name)
         checked += 1
     assert checked >= 40
+
+
+def test_tied_init_draws_the_embedding_once_with_a_zero_padding_row():
+    config = preset("nano", vocab_size=20, pad_token_id=0)
+    model = ZayaForCausalLM(config)
+    embedding = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embedding
+    assert torch.equal(embedding[0], torch.zeros(config.hidden_size))
+    assert embedding[1:].std().item() == pytest.approx(config.initializer_range, rel=0.1)

@@ -33,8 +33,8 @@ def prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
 def teacher_forced(model: ZayaForCausalLM, prompt: list[int], tokens: list[int]):
     """One unpadded full forward over prompt + tokens: (logits predicting each new token [N, V],
     router ids of every position [P+N, L])."""
-    out = model(torch.tensor([prompt + tokens]), return_router_ids=True)
-    return out.logits[0, len(prompt) - 1 : -1], out.router_ids[0]
+    out = model(torch.tensor([prompt + tokens]), return_expert_ids=True)
+    return out.logits[0, len(prompt) - 1 : -1], out.expert_ids[0]
 
 
 @torch.no_grad()

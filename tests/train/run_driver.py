@@ -3,10 +3,13 @@
     python tests/train/run_driver.py RESULT.json recipe=nano key=value ...
 
 Writes RESULT.json from rank 0: the summary, and the largest difference between any two ranks' parameters and
-balancing biases at the end (gathered in full under ZeRO-3). Fault injection for the resume tests:
+balancing biases at the end (gathered in full under ZeRO-3). ZAYA_TEST_DUMP_WEIGHTS=path.pt also saves rank 0's
+final weights there: {name: fp32 tensor} for every parameter (whole, gathered under ZeRO-3) and every router's
+`balancing_biases` buffer; ZAYA_TEST_DUMP_INITIAL=path.pt saves the initial model's state dict (one process only).
+Fault injection for the resume tests:
 ZAYA_TEST_SIGTERM_AT_STEP=k sends this process SIGTERM once step k is logged; ZAYA_TEST_SIGKILL_IN_CHECKPOINT=n
 kills it with SIGKILL in the middle of writing its n-th checkpoint; ZAYA_TEST_NAN_LOSS_STEPS=3,4 makes the loss
-NaN at those optimizer steps (one micro-batch each, gradient accumulation 1).
+NaN at those training forwards (1-based micro-batch counts: optimizer steps when gradient accumulation is 1).
 """
 
 import json
@@ -18,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from zaya_train import metrics
 from zaya_train.cli import compose_run_config
-from zaya_train.train import checkpoint, metrics
+from zaya_train.train import checkpoint
 
 
 def rank_spread(engine) -> dict[str, float]:
@@ -27,8 +31,14 @@ def rank_spread(engine) -> dict[str, float]:
 
     module = engine.module
     params = list(module.parameters())
+    dump = os.environ.get("ZAYA_TEST_DUMP_WEIGHTS")
     with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
         flat = torch.cat([p.detach().float().flatten() for p in params])
+        if dump and dist.get_rank() == 0:
+            weights = {name: p.detach().float().clone() for name, p in module.named_parameters()}
+            weights.update({name: b.detach().float().clone() for name, b in module.named_buffers()
+                            if name.endswith("balancing_biases")})
+            torch.save(weights, dump)
     biases = torch.cat([r.balancing_biases.detach().float() for r in module.routers()])
     spread = {}
     for name, local in (("params", flat), ("biases", biases)):
@@ -86,6 +96,22 @@ def inject_nan_losses() -> None:
     ZayaForCausalLM.forward = forward_with_nan
 
 
+def dump_initial_weights() -> None:
+    path = os.environ.get("ZAYA_TEST_DUMP_INITIAL")
+    if not path:
+        return
+    from zaya_train.train import trainer
+
+    initial_model = trainer._initial_model
+
+    def initial_model_then_dump(cfg, model_config):
+        model = initial_model(cfg, model_config)
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+        return model
+
+    trainer._initial_model = initial_model_then_dump
+
+
 def main() -> None:
     result_path, *args = sys.argv[1:]
     recipe = "nano"
@@ -96,6 +122,7 @@ def main() -> None:
         else:
             overrides.append(arg)
     cfg = compose_run_config(recipe, overrides)
+    dump_initial_weights()
     inject_faults()
     inject_nan_losses()
     from zaya_train.train.trainer import TrainingDiverged, train

@@ -1,5 +1,6 @@
-"""Non-finite losses and gradients skip the step and are counted; too many in a row stop the run. Gradient
-accumulation equals one larger micro-batch."""
+"""How the loop steps and stops: non-finite losses and gradients skip the step and are counted (also under
+gradient accumulation, without shifting DeepSpeed's accumulation boundary); too many in a row stop the run;
+gradient accumulation equals one larger micro-batch; a finite data set ends the run with a checkpoint."""
 
 import json
 import os
@@ -36,6 +37,32 @@ def test_nan_losses_are_skipped_and_counted(tmp_path):
     assert summary["step"] == 8
     assert rows[-1]["skipped_steps"] == 2 and rows[-1]["nonfinite_loss_micro_batches"] == 2
     assert all(r["loss"] == r["loss"] for r in rows if r["step"] not in (3, 4)), "other steps stay finite"
+
+
+def test_nan_micro_batch_under_accumulation_keeps_deepspeed_in_step(tmp_path):
+    """Micro-batch 3 is the first of step 2 (2 micro-batches a step). DeepSpeed steps the optimizer and the
+    schedule when its own micro-step count reaches a multiple of 2: if the NaN micro-batch were not counted, every
+    later step would end one micro-batch early and the learning rate would lag the schedule by a step."""
+    overrides = ("trainer.max_steps=6", "data.micro_batch_size=4", "deepspeed.gradient_accumulation_steps=2",
+                 "schedule.warmup_steps=3")
+    _, clean = run(tmp_path, "clean", *overrides)
+    summary, rows = run(tmp_path, "nan", *overrides, ZAYA_TEST_NAN_LOSS_STEPS="3")
+    assert summary["step"] == 6
+    assert [r["lr"] for r in rows] == [r["lr"] for r in clean]
+    assert rows[-1]["nonfinite_loss_micro_batches"] == 1 and rows[-1]["skipped_steps"] == 1
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1, 1, 1], "the NaN micro-batch skips its whole step"
+    assert rows[0]["loss"] == clean[0]["loss"]
+    assert all(r["loss"] == r["loss"] for r in rows), "a step's loss is the mean of its finite micro-batches"
+
+
+def test_finite_data_ends_the_run_with_a_checkpoint(tmp_path):
+    """data.num_epochs=1 over 64 problems in micro-batches of 8: 8 steps, then the run stops and saves."""
+    summary, rows = run(tmp_path, "epoch", "trainer.max_steps=100", "data.micro_batch_size=8", "data.num_samples=64",
+                        "data.num_epochs=1")
+    assert (summary["step"], summary["reason"]) == (8, "data_exhausted")
+    assert rows[-1]["step"] == 8
+    latest = tmp_path / "epoch" / "checkpoints" / "latest"
+    assert latest.read_text().strip() == "step_00000008"
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):

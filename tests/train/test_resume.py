@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from zaya_train.train.checkpoint import latest_checkpoint
+from zaya_train.loading import latest_checkpoint
 
 DRIVER = Path(__file__).with_name("run_driver.py")
 COMMON = [

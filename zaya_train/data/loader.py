@@ -12,6 +12,7 @@ Two kinds of window sources:
 - a callable returning a fresh iterable of windows (`lambda: pack_pretrain(...)`), for streams too large to
   materialise: shuffled through a seeded buffer of `shuffle_buffer` windows; every rank reads the whole stream
   and keeps its slice, and resuming replays the stream up to the position (reading and packing, no model work).
+  Each pass calls it again; a pass that yields no window raises ValueError.
 
 With `num_epochs` set the loader stops before the first global step that would run past the data, on all ranks
 at once (so no rank waits on a collective the others never reach).
@@ -121,7 +122,13 @@ class PackedLoader:
                 windows = buffer_shuffle(
                     windows, self.config.shuffle_buffer, np.random.default_rng([self.config.seed, epoch])
                 )
-            yield from windows
+            empty = True
+            for window in windows:
+                empty = False
+                yield window
+            if empty:
+                # Without this an endless loader would start pass after empty pass and never return.
+                raise ValueError(f"loader: pass {epoch} over the window stream yielded no window")
 
     def _next_global_rows(self) -> list[PackedWindow] | None:
         """This rank's rows of the next global step, or None when the data cannot fill a whole global step."""

@@ -17,7 +17,7 @@ Pretraining (`pack_pretrain`, streaming, greedy in stream order):
   any other document.
 
 SFT (`tokenize_chat` then `pack_sft`): the chat template is rendered with labels on assistant tokens only;
-complete examples are placed by best-fit-decreasing (spec 6.3), never truncated: an example longer than the
+complete examples are placed by best-fit-decreasing (as in the ZAYA1-8B report, arXiv 2605.05365, §IV-A), never truncated: an example longer than the
 window is reported in `SFTPackStats.too_long` and left out.
 
     windows = list(pack_pretrain(token_docs, PretrainPackConfig(seq_len=4096, bos_id=1, eos_id=2, pad_id=0)))

@@ -71,6 +71,8 @@ class SourceStats:
     # The first few skipped rows as "where: reason", for a readable report.
     examples: list[str] = field(default_factory=list)
     max_examples: int = 20
+    # The fields of the first row that lacked the configured one, so an error can say what the rows do hold.
+    fields_of_row_missing_field: list[str] | None = None
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -209,6 +211,8 @@ def iter_records(config: SourceConfig, stats: SourceStats | None = None) -> Iter
         record, reason = validate(row, config)
         if record is None:
             stats.skip(reason, where)
+            if reason == "missing_field" and stats.fields_of_row_missing_field is None:
+                stats.fields_of_row_missing_field = sorted(map(str, row))
             continue
         stats.rows_kept += 1
         yield record

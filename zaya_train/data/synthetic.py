@@ -1,5 +1,5 @@
 """The nano task: chain sum of K two-digit numbers with running partial sums written least-significant digit
-first (research/nano-experiment.md). It is the offline data of the default `nano` recipe: problems are generated
+first. It is the offline data of the default `nano` recipe: problems are generated
 on demand from (seed, index), answers are checked exactly, and a fixed held-out test set never enters training.
 
     Q37+82+15+64+29+51=730+28=911,911+51=431,431+46=891,891+92=722,722+15=872,A278

@@ -1,4 +1,4 @@
-"""Answer-preserving (AP) trimming of reasoning traces to a token budget (spec 6.2), applied offline per dataset
+"""Answer-preserving (AP) trimming of reasoning traces to a token budget (ZAYA1-8B report, arXiv 2605.05365, §III-A), applied offline per dataset
 and per target context, before SFT packing.
 
 Assistant turns look like `<think>REASONING</think>ANSWER`. For a conversation longer than `max_tokens` (counted

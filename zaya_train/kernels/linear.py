@@ -1,11 +1,13 @@
-"""Dense and grouped (per-expert) linear layers with a oneDNN path for fp32 on CPU; `F.linear` / `F.grouped_mm`
-(the references) everywhere else.
+"""Dense and grouped (per-expert) linear layers with a oneDNN path for fp32 on AMD CPUs; `F.linear` /
+`F.grouped_mm` (the references) everywhere else.
 
 Why: PyTorch's CPU BLAS is Intel MKL, which runs its AVX2 code on AMD CPUs; oneDNN (also inside every PyTorch
-CPU build) runs AVX-512 there. On the 2-core Zen 5 development machine an fp32 [2048, 128] x [128, 512] GEMM
-takes 1.25 ms through `F.linear` and 0.55 ms through oneDNN, the same numbers to the last bit at that size. The
-oneDNN entry point (`torch.ops.mkldnn._linear_pointwise`) has no autograd, so the backward passes below are
-written out: dx = dy @ W and dW = dy^T @ x, through oneDNN (per-expert weight gradients through BLAS, see
+CPU build) runs AVX-512 there. On the 2-core AMD EPYC (Zen 4) development machine an fp32 [2048, 128] x
+[128, 512] GEMM takes 1.25 ms through `F.linear` and 0.55 ms through oneDNN (the same numbers to the last bit at
+that size), and a 2048^3 GEMM runs at ~490 vs ~210 GFLOP/s. On an Intel Xeon with AVX-512, MKL runs its best
+code and oneDNN is the slower one (2048^3, 2 threads: 315 vs 334 GFLOP/s). The oneDNN entry point
+(`torch.ops.mkldnn._linear_pointwise`) has no autograd, so the backward passes below are written out:
+dx = dy @ W and dW = dy^T @ x, through oneDNN (per-expert weight gradients through BLAS, see
 `_OneDNNGroupedLinear`).
 
     from zaya_train.kernels.linear import linear, grouped_linear, matmul
@@ -13,9 +15,15 @@ written out: dx = dy @ W and dW = dy^T @ x, through oneDNN (per-expert weight gr
     y_NO = grouped_linear(x_NI, w_EOI, counts_E)           # rows sorted by expert; counts_E rows per expert
     c = matmul(a, b)                                       # == a @ b for 2-D a, b
 
-A oneDNN call has a fixed cost of about 10 us there, so GEMMs under ONEDNN_MIN_MACS multiply-adds (decode-sized
-router layers) stay on `F.linear`, which is faster at that size. `ZAYA_CPU_GEMM=aten` turns the oneDNN path off
-(every call then goes to the reference ops).
+The route (`cpu_gemm_route`) is chosen once per process from the CPU vendor, not by timing both: the gap comes
+from MKL's vendor dispatch, so the vendor predicts it, while a timing on a shared or throttled machine could pick
+differently from one process (or rank) to the next and change a run's numerics with it. AuthenticAMD takes
+oneDNN; GenuineIntel keeps MKL; any other CPU (Arm, Hygon, or none reported) keeps PyTorch's default, since oneDNN
+was measured faster only on AMD and costs memory (it reorders operands into its blocked layouts).
+`ZAYA_CPU_GEMM=onednn` or `=aten` overrides the choice (aten: every call goes to the reference ops).
+
+A oneDNN call has a fixed cost of about 10 us, so GEMMs under ONEDNN_MIN_MACS multiply-adds (decode-sized
+router layers) stay on `F.linear`, which is faster at that size.
 
 Shape suffixes: N rows, I in features, O out features, E experts.
 """
@@ -24,16 +32,55 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
 
 ONEDNN_MIN_MACS = 2**20
+ROUTES = ("onednn", "aten")
+_VENDORS = ("AuthenticAMD", "GenuineIntel")
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The x86 vendor string ("AuthenticAMD", "GenuineIntel", ...), or None where the CPU reports none (Arm)."""
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+        return None
+    except OSError:
+        pass
+    # No /proc (Windows, macOS): Windows names the vendor last ("Intel64 Family 6 Model 85 ..., GenuineIntel").
+    processor = platform.processor()
+    return next((vendor for vendor in _VENDORS if vendor in processor), None)
+
+
+@functools.cache
+def cpu_gemm_route() -> str:
+    """Where this process's fp32 CPU GEMMs go: "onednn" or "aten" (PyTorch's own ops). `ZAYA_CPU_GEMM` if set,
+    else oneDNN on AMD CPUs only (see the module docstring). Raises ValueError for another value of
+    `ZAYA_CPU_GEMM`, or for `onednn` on a PyTorch build without oneDNN's linear."""
+    forced = os.environ.get("ZAYA_CPU_GEMM", "").strip().lower() or None
+    if forced is not None and forced not in ROUTES:
+        raise ValueError(
+            f"ZAYA_CPU_GEMM: must be one of {ROUTES} or unset, got {os.environ['ZAYA_CPU_GEMM']!r}"
+        )
+    if forced == "onednn" and not _onednn_linear_available():
+        raise ValueError(
+            "ZAYA_CPU_GEMM: onednn was asked for, but this PyTorch build has no oneDNN linear "
+            "(torch.ops.mkldnn._linear_pointwise)"
+        )
+    if forced is not None:
+        return forced
+    return "onednn" if cpu_vendor() == "AuthenticAMD" and _onednn_linear_available() else "aten"
 
 
 @functools.cache
 def _onednn_linear_available() -> bool:
-    if os.environ.get("ZAYA_CPU_GEMM", "onednn") == "aten" or not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
         x = torch.ones(2, 3)
@@ -47,11 +94,11 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def uses_onednn(x: torch.Tensor, macs: int = ONEDNN_MIN_MACS) -> bool:
-    """Whether a GEMM of `macs` multiply-adds on tensors like `x` takes the oneDNN path (fp32, CPU, oneDNN
-    present, at least ONEDNN_MIN_MACS)."""
+    """Whether a GEMM of `macs` multiply-adds on tensors like `x` takes the oneDNN path (fp32, CPU, the route is
+    oneDNN, at least ONEDNN_MIN_MACS)."""
     return (
         macs > 0 and macs >= ONEDNN_MIN_MACS and x.device.type == "cpu" and x.dtype == torch.float32
-        and _onednn_linear_available()
+        and cpu_gemm_route() == "onednn"
     )
 
 

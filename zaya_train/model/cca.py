@@ -1,4 +1,5 @@
-"""Compressed Convolutional Attention (CCA) as in ZAYA1 (zaya1-spec.md section 3).
+"""Compressed Convolutional Attention (CCA; arXiv 2510.04476) in the form ZAYA1 uses (ZAYA1-8B technical report,
+arXiv 2605.05365, App. C).
 
 q/k are down-projected, mixed over time by a depthwise then a head-grouped causal convolution, given "mean"
 skips, L2-normalised to sqrt(d) (keys times a learned per-KV-head `temp`), partially rotated and attended with

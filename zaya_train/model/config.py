@@ -55,7 +55,7 @@ class ZayaConfig:
     cca_time1: int = 2
     # Training-only fields (not part of the HF config).
     # HF initialises the key temperature to 0, which zeroes every key (uniform attention) and gives the key path
-    # no gradient at step 0; 1.0 is the from-scratch choice of the spec (zaya1-spec.md 3.4). HF parity is unaffected:
+    # no gradient at step 0; 1.0 is the from-scratch choice (ZAYA1-8B report, arXiv 2605.05365, App. C). HF parity is unaffected:
     # a loaded checkpoint carries its own `temp`.
     temp_init: float = 1.0
     # Checkpoint each decoder layer's activations and recompute them in the backward pass.
@@ -189,7 +189,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          "hybrid_sliding": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5}},
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     ),
-    # A few M parameters; the settings of research/nano-experiment.md (trains on 2 CPU cores in minutes).
+    # A few M parameters; sized to train on 2 CPU cores in minutes.
     "nano": dict(
         vocab_size=64, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, moe_intermediate_size=256, num_experts=4, router_hidden_size=32, max_position_embeddings=2048,

@@ -17,7 +17,7 @@ here; `RolloutEngine` decodes those through the general forward.
 
     from zaya_train.model.decode import DecodeStep
     step = DecodeStep(model)                                # model: a ZayaForCausalLM
-    logits_BV, router_ids_BL = step(tokens_B, positions_B, cache)   # cache filled by a prefill forward
+    logits_BV, expert_ids_BL = step(tokens_B, positions_B, cache)   # cache filled by a prefill forward
 
 Shape suffixes: B rows, D hidden, C conv channels (q + k latent), H conv groups (Q + G), T taps, d head dim,
 Q query heads, G KV heads, g queries per KV head, K keys, V vocab, E experts, F expert intermediate, R router

@@ -6,8 +6,8 @@ load counts, a decode cache and activation checkpointing.
     model = ZayaForCausalLM(preset("nano"))
     out = model(input_ids, attention_mask=None, position_ids=None)      # out.logits [B, S, vocab]
     out = model(input_ids, document_ids=doc_ids)                         # packed documents
-    out = model(input_ids, return_router_ids=True)                       # out.router_ids [B, S, L]
-    out = model(input_ids, routed_experts=out.router_ids)                # replay that routing
+    out = model(input_ids, return_expert_ids=True)                       # out.expert_ids [B, S, L]
+    out = model(input_ids, expert_ids=out.expert_ids)                    # replay that routing
 
 Shape suffixes: B batch, S sequence, D hidden, L layers, X router classes (experts + skip), V vocab.
 """
@@ -37,10 +37,13 @@ class ZayaOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     cache: ZayaCache | None = None
-    # router_ids_BSL[b, s, l]: class chosen at layer l (num_experts = skip); with return_router_ids=True.
-    router_ids: torch.Tensor | None = None
+    # expert_ids_BSL[b, s, l]: class chosen at layer l (num_experts = skip); with return_expert_ids=True.
+    expert_ids: torch.Tensor | None = None
     # tokens_per_expert_LX[l, x]: real (non-padding) tokens routed to class x at layer l, for the balancer.
     tokens_per_expert: torch.Tensor | None = None
+    # logprobs_BS[b, t] = log p(labels[b, t + 1] | input_ids[b, : t + 1]) under softmax(logits / temperature),
+    # fp32, differentiable; 0 (no gradient) at t = S - 1 and where labels[b, t + 1] is -100. With return_logprobs.
+    logprobs: torch.Tensor | None = None
 
 
 class ZayaDecoderLayer(nn.Module):
@@ -99,7 +102,7 @@ class ZayaModel(nn.Module):
         input_ids_BS: torch.Tensor,
         layout: SequenceLayout,
         cache: ZayaCache | None,
-        routed_experts_BSL: torch.Tensor | None,
+        expert_ids_BSL: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the final-normed hidden states [B, S, D] and the router class ids [L, B, S]."""
         config = self.config
@@ -112,7 +115,7 @@ class ZayaModel(nn.Module):
         router_state_BSR = None
         ids_per_layer = []
         for idx, layer in enumerate(self.layers):
-            replay_BS = routed_experts_BSL[..., idx] if routed_experts_BSL is not None else None
+            replay_BS = expert_ids_BSL[..., idx] if expert_ids_BSL is not None else None
             args = (residual_BSD, router_state_BSR, layout, ropes[config.layer_types[idx]], cache, replay_BS)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 residual_BSD, router_state_BSR, ids_BS = checkpoint(layer, *args, use_reentrant=False)
@@ -136,11 +139,14 @@ class ZayaForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """From-scratch init: normal(0, initializer_range) for matrices, convs and embeddings; zero biases;
-        unit norms and scales; `temp` = config.temp_init; balancing biases 0 with the skip class at -1."""
+        unit norms and scales; `temp` = config.temp_init; balancing biases 0 with the skip class at -1. A tied
+        LM head is the embedding, drawn once with its padding row zeroed."""
         std = self.config.initializer_range
+        tied_head = self.lm_head if self.config.tie_word_embeddings else None
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d)):
-                nn.init.normal_(module.weight, std=std)
+                if module is not tied_head:
+                    nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
@@ -184,33 +190,42 @@ class ZayaForCausalLM(nn.Module):
         cache: ZayaCache | None = None,
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
-        routed_experts: torch.Tensor | None = None,
-        return_router_ids: bool = False,
+        expert_ids: torch.Tensor | None = None,
+        return_expert_ids: bool = False,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        return_logprobs: bool = False,
+        logprob_temperature: float = 1.0,
     ) -> ZayaOutput:
-        """`labels` are the input ids (shifted inside, -100 ignored), as in HF. `routed_experts` [B, S, L] replays
+        """`labels` are the input ids (shifted inside, -100 ignored), as in HF. `expert_ids` [B, S, L] replays
         the given class per token and layer. `logits_to_keep=k` computes logits for the last k positions only.
         `return_logits=False` with `labels` computes the loss by the fused chunked LM head + cross-entropy
-        (zaya_train.model.loss) and never materialises the logits: the training path."""
+        (zaya_train.model.loss) and never materialises the logits: the training path. Adding
+        `return_logprobs=True` returns, instead of the loss (None), the per-token log-probabilities of the shifted
+        labels under softmax(logits / logprob_temperature) by the same chunked head (`token_logprobs`, any
+        per-token upstream gradient): out.logprobs [B, S] with logprobs[:, t] = log p(labels[:, t + 1] |
+        input_ids[:, : t + 1]), the logits row t's log_softmax at labels[:, t + 1]; 0, with no gradient, at the
+        last position and wherever labels[:, t + 1] is -100."""
         config = self.config
+        if return_logprobs and (labels is None or return_logits):
+            raise ValueError("return_logprobs=True needs labels and return_logits=False")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         batch, seq_len = input_ids.shape
         if use_cache and cache is None:
             cache = ZayaCache(config)
         past_len = cache.get_seq_length() if cache is not None else 0
-        if routed_experts is not None:
+        if expert_ids is not None:
             expected = (batch, seq_len, config.num_hidden_layers)
-            if tuple(routed_experts.shape) != expected:
-                raise ValueError(f"routed_experts has shape {tuple(routed_experts.shape)}, expected {expected}")
-            if routed_experts.min() < 0 or routed_experts.max() > config.num_experts:
-                raise ValueError(f"routed_experts ids must lie in [0, {config.num_experts}] (num_experts = skip)")
+            if tuple(expert_ids.shape) != expected:
+                raise ValueError(f"expert_ids has shape {tuple(expert_ids.shape)}, expected {expected}")
+            if expert_ids.min() < 0 or expert_ids.max() > config.num_experts:
+                raise ValueError(f"expert_ids must lie in [0, {config.num_experts}] (num_experts = skip)")
         layout, key_valid = build_layout(
             config, batch, seq_len, input_ids.device, attention_mask, position_ids, document_ids, cu_seqlens,
             past_len, cache.key_valid if cache is not None else None,
         )
-        hidden_BSD, ids_LBS = self.model(input_ids, layout, cache, routed_experts)
+        hidden_BSD, ids_LBS = self.model(input_ids, layout, cache, expert_ids)
         if cache is not None:
             cache.advance(seq_len, key_valid)
 
@@ -221,11 +236,16 @@ class ZayaForCausalLM(nn.Module):
             minlength=config.num_hidden_layers * config.num_router_classes,
         ).view(config.num_hidden_layers, config.num_router_classes)
 
-        logits_BSV, loss = None, None
+        logits_BSV, loss, logprobs_BS = None, None, None
         if labels is not None and not return_logits:
             labels = labels.to(hidden_BSD.device)
             shifted_BS = torch.cat([labels[:, 1:], labels.new_full((batch, 1), IGNORE_INDEX)], dim=1)
-            loss = self.lm_head(hidden_BSD, labels=shifted_BS)
+            if return_logprobs:
+                logprobs_BS = self.lm_head(
+                    hidden_BSD, labels=shifted_BS, return_logprobs=True, temperature=logprob_temperature
+                )
+            else:
+                loss = self.lm_head(hidden_BSD, labels=shifted_BS)
         else:
             if logits_to_keep:
                 hidden_BSD = hidden_BSD[:, -logits_to_keep:]
@@ -239,6 +259,7 @@ class ZayaForCausalLM(nn.Module):
             logits=logits_BSV,
             loss=loss,
             cache=cache,
-            router_ids=ids_LBS.permute(1, 2, 0) if return_router_ids else None,
+            expert_ids=ids_LBS.permute(1, 2, 0) if return_expert_ids else None,
             tokens_per_expert=tokens_per_expert,
+            logprobs=logprobs_BS,
         )

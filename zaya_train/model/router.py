@@ -1,4 +1,4 @@
-"""The ZAYA1 router (zaya1-spec.md section 4): an MLP over a depth-averaged (EDA) latent, top-1 over E experts
+"""The ZAYA1 router (ZAYA1-8B report, arXiv 2605.05365, eqs. 1-5): an MLP over a depth-averaged (EDA) latent, top-1 over E experts
 plus a skip class, selected on probability + balancing bias, weighted by the unbiased probability.
 
 The balancing biases are a buffer: no optimizer touches them; the trainer's balancer updates them from the

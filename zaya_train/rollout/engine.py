@@ -4,7 +4,7 @@
     engine = RolloutEngine(model)                          # a live ZayaForCausalLM; its weights are used in place
     engine = RolloutEngine.from_pretrained("ckpt/")        # an HF `zaya` dir, a trainer checkpoint or a run dir
     results = engine.generate([[1, 5, 9], [1, 7]], max_new_tokens=64, temperature=1.0, top_p=0.95, seed=0)
-    r = results[0]; r.token_ids, r.logprobs, r.expert_ids, r.finish_reason
+    r = results[0]; r.token_ids, r.logprobs, r.expert_ids, r.finish_reason   # expert_ids: prompt + new tokens
     engine.load_weights(trainer_model_or_state_dict)       # after a policy update
 
 How a call runs: up to `max_batch_size` requests are prefilled together (left-padded, positions restart at each
@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zaya_train.loading import load_model
 from zaya_train.model import ZayaCache, ZayaForCausalLM
 from zaya_train.model.decode import DecodeStep
+from zaya_train.model.state import check_state_dict
 from zaya_train.rollout.sampling import draw_uniforms, request_generator, sample
 
 FINISH_REASONS = ("eos", "stop", "length")
@@ -39,16 +41,14 @@ class RolloutResult:
     """One request's generation. `token_ids`: new tokens only, including the EOS or stop tokens that ended it.
     `logprobs[i]`: log-probability of token_ids[i] under log_softmax(logits / temperature) over the full
     vocabulary, before top-k/top-p truncation (log_softmax(logits) when temperature is 0).
-    `expert_ids` [len(token_ids), num_layers]: router class per layer (num_experts = skip) computed for each
-    new token as an input position, i.e. exactly what a teacher-forced forward over prompt + token_ids routes at
-    those positions. `prompt_expert_ids` [len(prompt), num_layers]: the same for the prompt tokens, so that
-    cat([prompt_expert_ids, expert_ids]) is a full `routed_experts` row for router replay."""
+    `expert_ids` [len(prompt) + len(token_ids), num_layers]: router class per layer (num_experts = skip) at every
+    position of prompt + token_ids, i.e. exactly what a teacher-forced forward over that row routes, and the
+    `expert_ids` argument of `ZayaForCausalLM.forward` that replays it (router replay in RL)."""
 
     token_ids: list[int]
     logprobs: list[float]
     expert_ids: torch.Tensor
     finish_reason: str
-    prompt_expert_ids: torch.Tensor
 
 
 @dataclass
@@ -60,7 +60,7 @@ class _Request:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_expert_ids: torch.Tensor | None = None
+    expert_ids: torch.Tensor | None = None  # the prompt's, until generation ends
 
 
 @dataclass
@@ -85,10 +85,7 @@ class RolloutEngine:
     ) -> RolloutEngine:
         """An engine on an HF `zaya` checkpoint directory, a trainer checkpoint or a run directory (its latest
         checkpoint)."""
-        from zaya_train.train.export import load_model_and_tokenizer
-
-        model, _ = load_model_and_tokenizer(path)
-        return cls(model.to(device=device, dtype=dtype).eval())
+        return cls(load_model(path).to(device=device, dtype=dtype).eval())
 
     @torch.no_grad()
     def load_weights(self, state_dict_or_model: nn.Module | dict[str, torch.Tensor]) -> None:
@@ -106,18 +103,7 @@ class RolloutEngine:
             state = dict(source)
         else:
             raise TypeError(f"state_dict_or_model must be a module or a state dict, got {type(source).__name__}")
-        embed = state.get("model.embed_tokens.weight")
-        if self.model.config.tie_word_embeddings and "lm_head.weight" not in state and embed is not None:
-            state["lm_head.weight"] = embed
-        expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        misshapen = sorted(n for n in set(expected) & set(state) if tuple(state[n].shape) != expected[n])
-        if missing or unexpected or misshapen:
-            raise ValueError(
-                f"state_dict_or_model does not match the engine's model: missing {missing[:8]}, "
-                f"unexpected {unexpected[:8]}, misshapen {misshapen[:8]}"
-            )
+        state = check_state_dict(state, self.model, source="state_dict_or_model")
         self.model.load_state_dict(state, strict=True)
         self.decode_step.invalidate()
 
@@ -178,12 +164,12 @@ class RolloutEngine:
 
             if partitioned:
                 out = self.model(
-                    inputs_B[:, None], position_ids=positions_B[:, None], cache=cache, return_router_ids=True
+                    inputs_B[:, None], position_ids=positions_B[:, None], cache=cache, return_expert_ids=True
                 )
-                logits_BV, router_ids_BL = out.logits[:, -1], out.router_ids[:, 0]
+                logits_BV, expert_ids_BL = out.logits[:, -1], out.expert_ids[:, 0]
             else:
-                logits_BV, router_ids_BL = self.decode_step(inputs_B, positions_B, cache)
-            expert_log.append(([r.index for r in rows], router_ids_BL))
+                logits_BV, expert_ids_BL = self.decode_step(inputs_B, positions_B, cache)
+            expert_log.append(([r.index for r in rows], expert_ids_BL))
             live = [i for i, r in enumerate(rows) if r.finish_reason is None]
             if len(live) < len(rows):
                 live_B = torch.tensor(live, dtype=torch.long, device=device)
@@ -195,7 +181,7 @@ class RolloutEngine:
 
         expert_ids = self._collect_expert_ids(expert_log, len(requests))
         return [
-            RolloutResult(r.tokens, r.logprobs, ids_NL, r.finish_reason, r.prompt_expert_ids)
+            RolloutResult(r.tokens, r.logprobs, torch.cat([r.expert_ids, ids_NL]), r.finish_reason)
             for r, ids_NL in zip(requests, expert_ids)
         ]
 
@@ -209,11 +195,11 @@ class RolloutEngine:
         cache = ZayaCache(config, initial_capacity=width)
         out = self.model(
             ids_BS, attention_mask=mask_BS, position_ids=(mask_BS.cumsum(-1) - 1).clamp_min(0), cache=cache,
-            return_router_ids=True, logits_to_keep=1,
+            return_expert_ids=True, logits_to_keep=1,
         )
-        router_BSL = out.router_ids.cpu()
+        expert_ids_BSL = out.expert_ids.cpu()
         for row, r in enumerate(admitted):
-            r.prompt_expert_ids = router_BSL[row, width - len(r.prompt) :]
+            r.expert_ids = expert_ids_BSL[row, width - len(r.prompt) :]
         return out.logits[:, -1], cache
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""`RSAConfig`: the parameters of one Markovian RSA run (names follow the ZAYA1 report, §8 of the spec).
+"""`RSAConfig`: the parameters of one Markovian RSA run (names follow the ZAYA1-8B report,
+arXiv 2605.05365, §VI).
 
     from zaya_train.rsa import RSAConfig
     cfg = RSAConfig(n=16, c=4, t=2, beta=16384, tau=4096, final_beta=40960)

@@ -21,8 +21,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from zaya_train.loading import load_model_and_tokenizer
+from zaya_train.metrics import MetricsSink
 from zaya_train.rewards import ExactMatchVerifier, MathVerifier, ReasoningGymVerifier
-from zaya_train.train.export import load_model_and_tokenizer
+from zaya_train.rollout import RolloutEngine
 from zaya_train.rsa.core import RSAProblem, run_rsa, verifier_scorer
 from zaya_train.rsa.metrics import RESULTS_FILE, write_results
 from zaya_train.rsa.template import TextAggregationTemplate
@@ -54,9 +56,6 @@ def load_problems(data: str, num_problems: int, seed: int) -> tuple[list[tuple[s
 def run_eval(cfg, run_dir: Path, overlay_dir: Path | None = None) -> dict[str, Any]:
     """`cfg` is the run config (`checkpoint`, `rsa`, `eval`). The plot overlays every result found one level
     below `overlay_dir` (a sweep's directory) with this run's. Returns the results path and the rounds."""
-    from zaya_train.rollout import RolloutEngine
-    from zaya_train.train.metrics import MetricsConfig, MetricsSink
-
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(cfg.checkpoint)  # run dir, trainer checkpoint or HF dir
     model.eval()
@@ -88,7 +87,7 @@ def run_eval(cfg, run_dir: Path, overlay_dir: Path | None = None) -> dict[str, A
     result = run_rsa(problems, generate, verifier_scorer(verifier, decode), cfg.rsa, template)
     rounds_bar.close()
     path = write_results(result, run_dir)
-    with MetricsSink(run_dir, MetricsConfig(wandb=cfg.wandb), run_config=cfg) as sink:
+    with MetricsSink(run_dir, cfg.wandb, run_config=cfg) as sink:
         for metrics in result.rounds:
             values = {f"rsa/{k}": v for k, v in vars(metrics).items() if k != "round"}
             sink.log(metrics.round, float("nan"), {**values, "event": "rsa_round"})

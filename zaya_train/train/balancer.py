@@ -1,4 +1,4 @@
-"""The expert-bias balancer (zaya1-spec.md 4.3): an AdamW on the routers' balancing biases whose "gradient" is
+"""The expert-bias balancer (ZAYA1-8B report, arXiv 2605.05365, eq. 5): an AdamW on the routers' balancing biases whose "gradient" is
 each layer's expert-load error over the global batch.
 
     from zaya_train.train.balancer import BalancerConfig, ExpertBiasBalancer
@@ -18,7 +18,7 @@ all-reduced over the data-parallel group:
 
 The skip class (index E) is neither in the denominator nor updated: its bias is initialised to -1, which keeps
 it from ever winning the argmax over prob + bias (p_skip - 1 <= 0 <= p_e + b_e while the expert biases stay
-near 0); a balancing target for it would pull it up toward 1/E and start dropping tokens, which is why the spec
+near 0); a balancing target for it would pull it up toward 1/E and start dropping tokens, which is why the report
 ([I] in 4.3) excludes it. Its routing rate is still reported (`skip_rate`).
 
 The AdamW (fp32 moments, no weight decay, bias-corrected) updates an fp32 master copy [L, E] of the biases and

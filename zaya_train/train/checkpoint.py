@@ -9,9 +9,10 @@
         rng/rank_00000.pt       every rank's RNG states
       latest                    the name of the newest complete checkpoint (written last)
 
-A checkpoint is written into `.tmp-step_*` and renamed into place only when every rank has finished writing,
-then `latest` is replaced atomically; a process killed at any moment leaves the previous checkpoint whole and
-`latest` pointing at it. The newest `keep_last` checkpoints are kept. Resuming at another world size converts
+The layout and its readers live in zaya_train/loading.py, below this package, so that the rollout engine and the
+evaluation harness read checkpoints without importing the trainer. A checkpoint is written into `.tmp-step_*`
+and renamed into place only when every rank has finished writing, then `latest` is replaced atomically; a
+process killed at any moment leaves the previous checkpoint whole and `latest` pointing at it. The newest `keep_last` checkpoints are kept. Resuming at another world size converts
 the DeepSpeed state to a universal checkpoint once (`universal/` inside the checkpoint) and loads that.
 """
 
@@ -28,14 +29,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-LATEST = "latest"
-PREFIX = "step_"
-DS_TAG = "deepspeed"
+from zaya_train.loading import DS_TAG, LATEST, PREFIX, TRAINER_STATE, checkpoints_dir, read_trainer_state
+
 UNIVERSAL_TAG = "universal"
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
 
 
 def step_name(step: int) -> str:
@@ -49,33 +45,6 @@ def _barrier() -> None:
 
 def _write_json_atomic(path: Path, payload: Any) -> None:
     _write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
-
-
-def is_complete(path: Path) -> bool:
-    return (path / "trainer_state.json").is_file() and (path / DS_TAG).is_dir()
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint: the one `latest` names, else the highest complete step directory."""
-    root = checkpoints_dir(run_dir)
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if is_complete(named):
-            return named
-    complete = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir() and is_complete(p))
-    return complete[-1] if complete else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (meaning its latest checkpoint)."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise FileNotFoundError(f"{path} is neither a complete checkpoint nor a run directory with one")
-    return found
 
 
 def rng_state() -> dict[str, Any]:
@@ -119,7 +88,7 @@ def save_checkpoint(
     if rank == 0:
         torch.save(balancer_state, tmp / "balancer.pt")
         _write_json_atomic(tmp / "data_state.json", data_state)
-        _write_json_atomic(tmp / "trainer_state.json", trainer_state)
+        _write_json_atomic(tmp / TRAINER_STATE, trainer_state)
     _barrier()
     if rank == 0:
         if final.exists():
@@ -143,10 +112,6 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(f".tmp-{PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
 def ensure_universal(checkpoint: Path) -> None:

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zaya_train.loading import check_model_source, resolve_checkpoint
+from zaya_train.metrics import WandbConfig
 from zaya_train.model import ZayaConfig, preset
 from zaya_train.model.config import PRESETS
 from zaya_train.rsa.config import RSAConfig
 from zaya_train.train.balancer import BalancerConfig
-from zaya_train.train.metrics import WandbConfig
 from zaya_train.train.optim import OptimConfig
 from zaya_train.train.schedule import ScheduleConfig
 
@@ -33,12 +34,40 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _require_model_source(path: str, key: str) -> None:
+    try:
+        check_model_source(path)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from err
+
+
+def _require_checkpoint(path: str, key: str) -> None:
+    try:
+        resolve_checkpoint(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{key}: {err}") from err
+
+
+VOCAB_MULTIPLE = 64
+MAX_VOCAB_PADDING = 0.05
+
+
+def padded_vocab_size(tokenizer_size: int) -> int:
+    """The tokenizer's size rounded up to a multiple of 64 (aligned LM-head GEMMs) when that adds at most 5%, else
+    the size itself. Padding rows are outputs no target ever names: the softmax still spreads probability over
+    them and, with tied embeddings, they are input rows too, so early training spends its first steps pushing
+    them down. With a large vocabulary that cost is noise; with a tiny one it is not (the nano task's 20-token
+    character vocabulary padded to 64 learned several times more slowly), hence the bound."""
+    padded = -(-tokenizer_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return padded if padded - tokenizer_size <= MAX_VOCAB_PADDING * tokenizer_size else tokenizer_size
+
+
 @dataclass
 class ModelConfig:
     """`preset` names a ZAYA1 size; any other field left at None keeps the preset's value."""
 
     preset: str = "nano"
-    vocab_size: int | None = None  # None: the tokenizer's size (rounded up to a multiple of 64)
+    vocab_size: int | None = None  # None: the tokenizer's size, rounded up to a multiple of 64 if that adds <= 5%
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
     num_attention_heads: int | None = None
@@ -60,9 +89,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}, expected one of {sorted(PRESETS)}")
         if self.init_from is not None:
-            _require(Path(self.init_from).exists(), "model.init_from", f"{self.init_from} does not exist")
+            _require_model_source(self.init_from, "model.init_from")
 
-    def build(self, vocab_size: int, special_ids: dict[str, int | None]) -> ZayaConfig:
+    def build(self, tokenizer_size: int, special_ids: dict[str, int | None]) -> ZayaConfig:
+        """The model config for a tokenizer of `tokenizer_size` tokens: `vocab_size` if set, else
+        `padded_vocab_size(tokenizer_size)`."""
         overrides = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
@@ -74,7 +105,7 @@ class ModelConfig:
             overrides["rope_parameters"] = {
                 k: {**v, "rope_theta": self.rope_theta} for k, v in base.rope_parameters.items()
             }
-        overrides["vocab_size"] = self.vocab_size if self.vocab_size is not None else vocab_size
+        overrides["vocab_size"] = self.vocab_size if self.vocab_size is not None else padded_vocab_size(tokenizer_size)
         overrides.update({k: v for k, v in special_ids.items() if v is not None})
         try:
             return preset(self.preset, **overrides)
@@ -100,15 +131,19 @@ class DataConfig:
     # "char" (the nano task's characters), "bpe" (trained by the run on its own data) or a tokenizer path.
     tokenizer: str = "char"
     bpe_vocab_size: int = 4096
-    # SFT: answer-preserving trimming of <think> traces to seq_len (research/zaya1-spec.md 6.2).
+    # SFT: answer-preserving trimming of <think> traces to seq_len (ZAYA1-8B report, arXiv 2605.05365, §III-A).
     ap_trim: bool = True
     num_samples: int = 64_000  # chain_sum: training problems per epoch
+    # Passes over the data before the run stops (with a checkpoint), whatever trainer.max_steps says; None: no limit.
+    num_epochs: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}, got {self.kind!r}")
         _require(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
         _require(self.micro_batch_size >= 1, "data.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         _require(self.num_samples >= 1, "data.num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(self.num_epochs is None or self.num_epochs >= 1, "data.num_epochs",
+                 f"must be >= 1 or null, got {self.num_epochs}")
         if self.kind != "chain_sum":
             _require(self.path is not None or self.hub_name is not None, "data.path",
                      f"data.kind={self.kind} needs data.path (or data.hub_name)")
@@ -159,8 +194,8 @@ class TrainerConfig:
         _require(self.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {self.keep_last}")
         _require(self.log_interval >= 1, "trainer.log_interval", f"must be >= 1, got {self.log_interval}")
         _require(self.max_nonfinite_in_row >= 1, "trainer.max_nonfinite_in_row", "must be >= 1")
-        _require(self.resume in ("auto", "none") or Path(self.resume).exists(), "trainer.resume",
-                 f"must be auto, none or an existing checkpoint path, got {self.resume!r}")
+        if self.resume not in ("auto", "none"):
+            _require_checkpoint(self.resume, "trainer.resume")
         _require(self.peak_flops is None or self.peak_flops > 0, "trainer.peak_flops", "must be > 0")
         _require(self.eval_problems >= 0, "trainer.eval_problems", f"must be >= 0, got {self.eval_problems}")
 
@@ -215,6 +250,8 @@ def validate(cfg: RunConfig) -> None:
     """Checks across sections (each section checks its own values when built). Raises ConfigError."""
     if cfg.recipe in ("export", "eval_rsa"):
         _require(cfg.checkpoint is not None, "checkpoint", f"recipe={cfg.recipe} needs checkpoint=PATH (a run directory or a checkpoint)")
-        _require(Path(cfg.checkpoint).exists(), "checkpoint", f"{cfg.checkpoint} does not exist")
+    if cfg.recipe == "eval_rsa":
+        _require_model_source(cfg.checkpoint, "checkpoint")
     if cfg.recipe == "export":
+        _require_checkpoint(cfg.checkpoint, "checkpoint")
         _require(cfg.out is not None, "out", "recipe=export needs out=PATH")

@@ -3,11 +3,15 @@
 Rank 0 builds a tokenizer that needs building (BPE trained on the run's own data) and saves it to
 `run_dir/tokenizer`; the other ranks wait and load it, so every rank encodes identically. Window building is
 deterministic, so every rank packs the same windows and the loader takes each rank's slice.
+
+A source that yields no window raises ConfigError naming what to fix: `data.text_field` (or
+`data.messages_field`) when rows exist but none has that field, else `data.path`. Every rank checks the source
+for a usable record first, before a tokenizer is trained; a stream also checks each pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from zaya_train.data import (
     NANO_CHARS,
     ChainSumConfig,
     ChainSumDataset,
+    PackedWindow,
     PackStats,
     PretrainPackConfig,
     SourceConfig,
@@ -34,6 +39,7 @@ from zaya_train.data import (
 )
 from zaya_train.data.loader import WindowSource
 from zaya_train.train.config import ConfigError, DataConfig
+
 
 @dataclass
 class TrainingData:
@@ -85,6 +91,8 @@ def build_tokenizer(cfg: DataConfig, run_dir: Path, rank: int) -> Any:
 
 
 def build_training_data(cfg: DataConfig, run_dir: Path, seed: int, rank: int) -> TrainingData:
+    if cfg.kind != "chain_sum":
+        _require_a_record(cfg, "text" if cfg.kind == "pretrain" else "chat")
     tokenizer = build_tokenizer(cfg, run_dir, rank)
     if cfg.kind == "chain_sum":
         if cfg.tokenizer != "char":
@@ -108,13 +116,28 @@ def build_training_data(cfg: DataConfig, run_dir: Path, seed: int, rank: int) ->
         )
         pack_stats = PackStats()
 
-        def documents() -> Iterable[list[int]]:
-            for record in iter_records(_source(cfg, "text"), source_stats):
+        def documents(stats: SourceStats) -> Iterable[list[int]]:
+            for record in iter_records(_source(cfg, "text"), stats):
                 yield tokenizer(record["text"], add_special_tokens=False)["input_ids"]
 
         if cfg.streaming:
-            return TrainingData(tokenizer, lambda: pack_pretrain(documents(), pack_cfg))
-        windows = WindowArrays.from_windows(pack_pretrain(documents(), pack_cfg, pack_stats))
+
+            def stream() -> Iterator[PackedWindow]:
+                # The loader starts a new pass whenever one ends, so a pass without a window (the files changed
+                # since the check above, or every text tokenized to nothing) must end the run instead.
+                pass_stats = SourceStats()
+                empty = True
+                for window in pack_pretrain(documents(pass_stats), pack_cfg):
+                    empty = False
+                    yield window
+                if empty:
+                    raise _no_windows_error(
+                        cfg, "text", pass_stats, _prefixed("data/source", pass_stats.as_dict())
+                    )
+
+            return TrainingData(tokenizer, stream)
+        packed = list(pack_pretrain(documents(source_stats), pack_cfg, pack_stats))
+        kind = "text"
         stats = {
             **_prefixed("data/source", source_stats.as_dict()),
             **_prefixed("data/pack", pack_stats.as_dict()),
@@ -128,17 +151,43 @@ def build_training_data(cfg: DataConfig, run_dir: Path, seed: int, rank: int) ->
         packed, pack_stats = pack_sft(
             [tokenize_chat(c, tokenizer) for c in chats], cfg.seq_len, tokenizer.pad_token_id
         )
-        windows = WindowArrays.from_windows(packed)
+        kind = "chat"
         stats = {
             **_prefixed("data/source", source_stats.as_dict()),
             **trim_stats,
             **_prefixed("data/pack", pack_stats.as_dict()),
         }
-    if len(windows) == 0:
-        raise ConfigError(
-            f"data.path: no training windows could be built from {cfg.path or cfg.hub_name} ({stats})"
+    if not packed:
+        raise _no_windows_error(cfg, kind, source_stats, stats)
+    return TrainingData(tokenizer, WindowArrays.from_windows(packed), stats)
+
+
+def _require_a_record(cfg: DataConfig, kind: str) -> None:
+    """Raises the ConfigError naming the key to fix when the source has no usable record. Every rank checks, and
+    before a BPE tokenizer is trained on nothing and saved to the run directory, where a rerun would reuse it.
+    Reads up to the first usable record (the whole source only when there is none)."""
+    stats = SourceStats()
+    if next(iter_records(_source(cfg, kind), stats), None) is None:
+        raise _no_windows_error(cfg, kind, stats, _prefixed("data/source", stats.as_dict()))
+
+
+def _no_windows_error(cfg: DataConfig, kind: str, source: SourceStats, stats: dict[str, int]) -> ConfigError:
+    """Names the key to fix: the record field when rows exist but none has it, else the source itself."""
+    where = cfg.path or cfg.hub_name
+    key, name = (
+        ("data.text_field", cfg.text_field) if kind == "text" else ("data.messages_field", cfg.messages_field)
+    )
+    if source.rows_read == 0 and not source.skipped:
+        return ConfigError(f"data.path: {where} holds no rows")
+    if source.rows_kept == 0 and source.fields_of_row_missing_field is not None:
+        skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(source.skipped.items()))
+        return ConfigError(
+            f"{key}: none of the {source.rows_read} rows of {where} has a field {name!r} (skipped: {skipped}; "
+            f"the first row without it has the fields {source.fields_of_row_missing_field})"
         )
-    return TrainingData(tokenizer, windows, stats)
+    if source.rows_kept == 0:
+        return ConfigError(f"data.path: no usable row in {where} ({stats}; e.g. {source.examples[0]})")
+    return ConfigError(f"data.path: no training windows could be built from {where} ({stats})")
 
 
 def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, int]:

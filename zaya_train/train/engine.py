@@ -25,7 +25,7 @@ import torch.distributed as dist
 from zaya_train.model import ZayaForCausalLM
 from zaya_train.model.cca import ZayaCCAProjection
 from zaya_train.model.moe import ZayaSparseMoeBlock
-from zaya_train.train.config import RunConfig
+from zaya_train.train.config import ConfigError, RunConfig
 from zaya_train.train.optim import OptimConfig, build_optimizer, parameter_kinds
 from zaya_train.train.schedule import build_scheduler
 
@@ -149,9 +149,18 @@ def deepspeed_muon(model: ZayaForCausalLM, optim: OptimConfig) -> tuple[list[dic
     the bf16 optimizer (where a client Muon would only see flat partitions).
 
     Every parameter is tagged `use_muon` (hidden and expert matrices) or not (AdamW: embeddings, conv kernels,
-    vectors). DeepSpeed's Muon scales its update by sqrt(max(1, out/in)) (Keller Jordan's rule); each matrix shape
-    gets its own group whose lr converts that to Moonlight's update-RMS matching, 0.2 * sqrt(max(out, in)), the
-    rule of `torch.optim.Muon(adjust_lr_fn="match_rms_adamw")` used at stage 0."""
+    vectors). DeepSpeed's Muon scales its update by sqrt(max(1, out/in)) (Keller Jordan's rule), which is
+    `muon_adjust_lr="original"`; for the default "match_rms_adamw" each matrix shape gets its own group whose lr
+    is multiplied by f = 0.2 * sqrt(max(out, in)) / sqrt(max(1, out/in)), Moonlight's update-RMS matching as
+    `torch.optim.Muon` does at stage 0. DeepSpeed decays weights by lr * weight_decay, torch by the unadjusted
+    lr * weight_decay, so the group's weight decay is divided by the same f. DeepSpeed's Muon always runs 5
+    Newton-Schulz steps with Nesterov momentum: other `muon_ns_steps` / `muon_nesterov` are refused."""
+    for key, value, supported in (("muon_ns_steps", optim.muon_ns_steps, 5), ("muon_nesterov", optim.muon_nesterov, True)):
+        if value != supported:
+            raise ConfigError(
+                f"optim.{key}: DeepSpeed's Muon (ZeRO 1-3 or bf16) only runs {key}={supported}, got {value}; "
+                "use deepspeed.zero_stage=0 in fp32 for torch's Muon"
+            )
     kinds = parameter_kinds(model)
     params = dict(model.named_parameters())
     muon_groups: dict[tuple[int, int], list[torch.nn.Parameter]] = {}
@@ -167,9 +176,11 @@ def deepspeed_muon(model: ZayaForCausalLM, optim: OptimConfig) -> tuple[list[dic
             decayed.append(param)
     groups: list[dict[str, Any]] = []
     for (rows, cols), members in sorted(muon_groups.items()):
-        to_moonlight = 0.2 * math.sqrt(max(rows, cols)) / math.sqrt(max(1.0, rows / cols))
+        to_moonlight = 1.0
+        if optim.muon_adjust_lr == "match_rms_adamw":
+            to_moonlight = 0.2 * math.sqrt(max(rows, cols)) / math.sqrt(max(1.0, rows / cols))
         groups.append({"params": members, "lr": optim.resolved_muon_lr * to_moonlight,
-                       "weight_decay": optim.resolved_muon_weight_decay, "name": f"muon_{rows}x{cols}"})
+                       "weight_decay": optim.resolved_muon_weight_decay / to_moonlight, "name": f"muon_{rows}x{cols}"})
     groups.append({"params": decayed, "weight_decay": optim.weight_decay, "name": "adamw"})
     groups.append({"params": not_decayed, "weight_decay": 0.0, "name": "adamw_no_decay"})
     config = {
@@ -204,7 +215,7 @@ def build_engine(model: ZayaForCausalLM, cfg: RunConfig, dtype: torch.dtype, loa
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, cfg.schedule),
         )
     else:
-        optimizer = build_optimizer(model, cfg.optim, zero_stage=0)
+        optimizer = build_optimizer(model, cfg.optim)
         if zero_stage == 0:
             optimizer = NonFiniteGuard(optimizer, cfg.deepspeed.gradient_clipping)
         engine, _, _, scheduler = deepspeed.initialize(

@@ -1,7 +1,8 @@
-"""Parameter grouping and the main optimizer: plain AdamW, or ZAYA1's Muon + AdamW split (zaya1-spec.md 6.4).
+"""Parameter grouping and the main optimizer: plain AdamW, or ZAYA1's Muon + AdamW split (ZAYA1-8B report,
+arXiv 2605.05365).
 
     from zaya_train.train.optim import OptimConfig, build_optimizer, group_parameters
-    optimizer = build_optimizer(model, OptimConfig(name="muon", lr=3e-4), zero_stage=0)
+    optimizer = build_optimizer(model, OptimConfig(name="muon", lr=3e-4))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)   # ZeRO stage 0 only
     groups = group_parameters(model, config)     # {"muon": [(name, p), ...], "adamw": [...], "adamw_no_decay": [...]}
 
@@ -35,17 +36,14 @@ DeepSpeed (checked with deepspeed 0.19.8, a client optimizer passed to `deepspee
   parameter with its shape): the optimizer sees whole parameters, Muon is exact.
 - ZeRO stages 1 and 2: DeepSpeed flattens each param group into one 1-D fp32 partition per rank and hands only
   that to the client optimizer, so no optimizer step can see a whole matrix. Stage 3 partitions the parameters
-  themselves. Whole-matrix orthogonalisation is impossible in all three, so `build_optimizer(..., zero_stage>=1)`
-  with `name="muon"` raises, or with `zero_partitioned="adamw"` warns and builds AdamW for every parameter.
-  (DeepSpeed's own config-driven Muon, `optimizer.type="muon"` with parameters tagged `use_muon`, gathers
-  full gradients inside ZeRO instead; it scales updates by Keller's sqrt(max(1, out/in)), not the Moonlight
-  rule, and is not used here.)
+  themselves. A client Muon is therefore only built for stage 0 in fp32; everywhere else the trainer runs
+  DeepSpeed's own config-driven Muon (`optimizer.type="muon"`, parameters tagged `use_muon`), which gathers
+  whole gradients inside ZeRO, with per-shape learning rates that turn its update scaling into the Moonlight
+  rule (`zaya_train.train.engine.deepspeed_muon`). AdamW works as a client optimizer at every stage.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +55,6 @@ from zaya_train.model.moe import ZayaExperts
 
 OPTIMIZERS = ("adamw", "muon")
 MUON_LR_ADJUSTMENTS = ("match_rms_adamw", "original")
-ZERO_PARTITIONED_CHOICES = ("error", "adamw")
 GROUPS = ("muon", "adamw", "adamw_no_decay")
 
 
@@ -77,8 +74,6 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5
     muon_adjust_lr: str = "match_rms_adamw"
-    # What `name="muon"` does under ZeRO stages 1-3, where no whole matrix reaches the optimizer.
-    zero_partitioned: str = "error"
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -86,10 +81,6 @@ class OptimConfig:
         if self.muon_adjust_lr not in MUON_LR_ADJUSTMENTS:
             raise ValueError(
                 f"OptimConfig.muon_adjust_lr must be one of {MUON_LR_ADJUSTMENTS}, got {self.muon_adjust_lr!r}"
-            )
-        if self.zero_partitioned not in ZERO_PARTITIONED_CHOICES:
-            raise ValueError(
-                f"OptimConfig.zero_partitioned must be one of {ZERO_PARTITIONED_CHOICES}, got {self.zero_partitioned!r}"
             )
         for key in ("lr", "weight_decay", "eps", "muon_lr", "muon_weight_decay", "muon_momentum"):
             value = getattr(self, key)
@@ -246,25 +237,9 @@ class MuonAdamW(torch.optim.Optimizer):
         self._link_inner()
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, zero_stage: int = 0) -> torch.optim.Optimizer:
-    """The main optimizer for `model` (AdamW, or `MuonAdamW` for `name="muon"`); every group carries a `name`
-    key (one of `GROUPS`) for logging. `zero_stage` is the DeepSpeed ZeRO stage the optimizer will run under."""
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-    if config.name == "muon" and zero_stage >= 1:
-        message = (
-            f"Muon needs whole matrices, but DeepSpeed ZeRO stage {zero_stage} hands the optimizer flat partitions "
-            "(zaya_train/train/optim.py explains)"
-        )
-        if config.zero_partitioned == "error":
-            raise ValueError(
-                f"OptimConfig.name='muon' with zero_stage={zero_stage}: {message}; use zero_stage=0, "
-                "or name='adamw', or zero_partitioned='adamw' to fall back to AdamW"
-            )
-        warnings.warn(
-            f"{message}; OptimConfig.zero_partitioned='adamw': using AdamW for every parameter", stacklevel=2
-        )
-        config = dataclasses.replace(config, name="adamw")
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """The main optimizer for `model` as a client optimizer with whole parameters (AdamW, or `MuonAdamW` for
+    `name="muon"`, which needs ZeRO stage 0); every group carries a `name` key (one of `GROUPS`) for logging."""
     groups = group_parameters(model, config)
     betas = (config.beta1, config.beta2)
     adamw_groups = [

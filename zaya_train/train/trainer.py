@@ -26,14 +26,15 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from zaya_train.data import LoaderConfig, PackedLoader
-from zaya_train.hf import load_pretrained
+from zaya_train.loading import latest_checkpoint, load_model, read_trainer_state, resolve_checkpoint
+from zaya_train.metrics import MetricsSink
 from zaya_train.model import ZayaForCausalLM
 from zaya_train.train import checkpoint as ckpt
 from zaya_train.train.balancer import ExpertBiasBalancer
 from zaya_train.train.config import ConfigError, RunConfig
 from zaya_train.train.data import build_training_data
 from zaya_train.train.engine import DistInfo, build_engine, grad_norm, init_distributed, resolve_dtype, skipped_steps
-from zaya_train.train.metrics import MetricsConfig, MetricsSink, model_flops_per_token, peak_flops, throughput
+from zaya_train.train.metrics import model_flops_per_token, peak_flops, throughput
 
 log = logging.getLogger("zaya_train")
 
@@ -83,16 +84,11 @@ def _weights_finite(engine) -> bool:
 def _initial_model(cfg: RunConfig, model_config) -> ZayaForCausalLM:
     if cfg.model.init_from is None:
         return ZayaForCausalLM(model_config)
-    source = Path(cfg.model.init_from)
-    if (source / "config.json").is_file():
-        model = load_pretrained(source, gradient_checkpointing=model_config.gradient_checkpointing)
-    else:
-        from zaya_train.train.export import model_from_checkpoint
-
-        model = model_from_checkpoint(ckpt.resolve_checkpoint(source))
+    model = load_model(cfg.model.init_from, gradient_checkpointing=model_config.gradient_checkpointing)
     if model.config.vocab_size != model_config.vocab_size:
         raise ConfigError(
-            f"model.init_from: {source} has vocab_size {model.config.vocab_size}, the tokenizer needs {model_config.vocab_size}"
+            f"model.init_from: {cfg.model.init_from} has vocab_size {model.config.vocab_size}, the tokenizer needs "
+            f"{model_config.vocab_size}"
         )
     return model
 
@@ -111,18 +107,18 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
     vocab = len(tokenizer)
     special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                "eos_token_id": tokenizer.eos_token_id}
-    model_config = cfg.model.build(vocab_size=-(-vocab // 64) * 64, special_ids=special)
+    model_config = cfg.model.build(tokenizer_size=vocab, special_ids=special)
     if model_config.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size: {model_config.vocab_size} is smaller than the tokenizer's {vocab} tokens")
 
     resume_from = None
     if cfg.trainer.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(run_dir)
+        resume_from = latest_checkpoint(run_dir)
     elif cfg.trainer.resume != "none":
-        resume_from = ckpt.resolve_checkpoint(cfg.trainer.resume)
+        resume_from = resolve_checkpoint(cfg.trainer.resume)
     universal = False
     if resume_from is not None:
-        saved_world = ckpt.read_trainer_state(resume_from)["world_size"]
+        saved_world = read_trainer_state(resume_from)["world_size"]
         if saved_world != info.world_size:
             log.info("resuming a world-size-%d checkpoint on %d ranks: converting it to a universal checkpoint",
                      saved_world, info.world_size)
@@ -134,7 +130,9 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
     engine, scheduler = build_engine(model, cfg, dtype, load_universal=universal)
     balancer = ExpertBiasBalancer(engine.module.routers(), cfg.balancer)
     loader = PackedLoader(
-        data.windows, LoaderConfig(micro_batch_size=cfg.data.micro_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle),
+        data.windows,
+        LoaderConfig(micro_batch_size=cfg.data.micro_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                     num_epochs=cfg.data.num_epochs),
         rank=info.rank, world_size=info.world_size,
     )
     state = {"step": 0, "nonfinite_loss_micro_batches": 0, "skipped_steps": 0, "tokens": 0}
@@ -149,7 +147,7 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
     stop = _StopSignal()
     flops_per_token = model_flops_per_token(model_config, cfg.data.seq_len)
     peak = peak_flops(info.device, cfg.trainer.peak_flops)
-    metrics = MetricsSink(run_dir, MetricsConfig(wandb=cfg.wandb, peak_flops=cfg.trainer.peak_flops), info.rank,
+    metrics = MetricsSink(run_dir, cfg.wandb, info.rank,
                           run_config=cfg)
     if data.stats and info.rank == 0:
         metrics.log(state["step"], float("nan"), {**data.stats, "event": "data"})
@@ -163,32 +161,40 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
     gas = cfg.deepspeed.gradient_accumulation_steps
     in_row = 0
     reason = "max_steps"
+    saved_step = state["step"]
     last_loss = float("nan")
     window_start, window_tokens = time.perf_counter(), 0
     try:
         while state["step"] < cfg.trainer.max_steps:
-            losses, step_tokens, counted = [], 0, False
+            losses, step_tokens, counted, exhausted = [], 0, False, False
             skipped_before = skipped_steps(engine)
             for _ in range(gas):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    reason = "data_exhausted"
+                batch = next(batches, None)
+                if batch is None:
+                    exhausted = True
                     break
                 batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
                 out = engine(
                     batch["input_ids"], document_ids=batch["document_ids"], labels=batch["labels"], return_logits=False
                 )
                 step_tokens += batch["input_ids"].numel()
-                if _any_rank(not bool(torch.isfinite(out.loss)), info.device):
+                finite = not _any_rank(not bool(torch.isfinite(out.loss)), info.device)
+                # A non-finite micro-batch still runs its backward and engine.step(), with its loss zeroed:
+                # DeepSpeed finds the accumulation boundary (and ZeRO flushes its gradient buckets) by counting
+                # them. Its gradient is zero, or non-finite where its activations are, and then the optimizer
+                # skips the whole step.
+                engine.backward(out.loss if finite else out.loss * 0.0)
+                engine.step()
+                if not finite:
                     state["nonfinite_loss_micro_batches"] += 1
                     continue
-                engine.backward(out.loss)
-                engine.step()
                 balancer.accumulate(out.tokens_per_expert)
                 losses.append(out.loss.detach().float().item())
                 counted = True
-            if reason == "data_exhausted":
+            if exhausted:
+                reason = "data_exhausted"
+                if saved_step != state["step"]:
+                    _save(run_dir, cfg, engine, state, loader, balancer, info)
                 break
             step_skipped = not counted or skipped_steps(engine) > skipped_before
             state["step"] += 1
@@ -234,10 +240,11 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
             stopping = _any_rank(stop.received is not None, info.device)
             if stopping or state["step"] % cfg.trainer.save_interval == 0 or state["step"] == cfg.trainer.max_steps:
                 _save(run_dir, cfg, engine, state, loader, balancer, info)
+                saved_step = state["step"]
             if stopping:
                 reason = f"signal {signal.Signals(stop.received).name if stop.received else 'on another rank'}"
                 break
-        if reason == "max_steps" and cfg.data.kind == "chain_sum" and cfg.trainer.eval_problems:
+        if reason in ("max_steps", "data_exhausted") and cfg.data.kind == "chain_sum" and cfg.trainer.eval_problems:
             _evaluate(cfg, engine, tokenizer, state["step"], last_loss, metrics, info)
     finally:
         if progress is not None:
