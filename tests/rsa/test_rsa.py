@@ -17,6 +17,7 @@ from zaya_train.rsa import (
     carried_context,
     choose_parents,
     majority_score,
+    max_aggregation_prompt_len,
     round_metrics,
     run_rsa,
     verifier_scorer,
@@ -66,6 +67,7 @@ def test_markovian_prompts_stay_bounded(t):
     result = run(cfg, FakeGenerator(min_len=12, max_len=20))
     bound = QUESTION_LEN + cfg.c * (cfg.tau + len(MARKER)) + TEMPLATE.overhead(cfg.c)
     assert bound == 5 + 3 * 10 + 15 == 50
+    assert max_aggregation_prompt_len(problems()[0], cfg, TEMPLATE) == 50
     # Every candidate is longer than tau, so every tail is cut and every aggregation prompt hits the bound.
     assert [r.max_prompt_tokens for r in result.rounds] == [6] + [50] * t
     assert all(c.prompt_tokens == 50 for pop in result.populations[1:] for cands in pop for c in cands)

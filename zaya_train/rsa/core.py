@@ -16,7 +16,7 @@ each from the problem's question and the carried context of C distinct candidate
 t-1: that is the Markov property). The carried context depends on `RSAConfig.variant`:
 - "markovian": the last tau tokens of the candidate's reasoning, cut on token boundaries, with the
   truncation marker in front when something was cut. Prompts stay <= |question| + C*(tau + |marker|) +
-  template overhead however long the chains grow.
+  template overhead (`max_aggregation_prompt_len`) however long the chains grow.
 - "full": the whole candidate (RSA as published).
 - "answer_tails": the answer after the reasoning when the candidate finished, cut like a tail; otherwise
   its reasoning tail.
@@ -27,6 +27,18 @@ drawn without replacement by an RNG seeded from a hash of (seed, problem id, rou
 does not depend on global random state, batch order or the other problems in the run.
 
 Round 0 always uses the budget beta; the last aggregation round uses final_beta, the others beta.
+
+RL trains the model inside the same procedure (the ZAYA1-8B report, arXiv 2605.05365, §VI; RSA itself is
+arXiv 2509.26626) and builds its prompts with the function `run_rsa` uses, so evaluation and training cannot
+drift apart. One aggregation step for one problem, from its previous round's trajectories:
+
+    bos = [tokenizer.bos_token_id]
+    prompts = population_prompts(problem, [tr.token_ids for tr in previous], round_idx, k, cfg, template,
+                                 seed=step_seed, bos_ids=bos)   # a new step_seed every RL step
+    results = engine.generate([p.prompt_ids for p in prompts], max_new_tokens=cfg.beta, seed=step_seed)
+    batch = [Trajectory.from_rollout(problem.problem_id, round_idx, p.prompt_ids, r, p.parents)
+             for p, r in zip(prompts, results)]
+    longest_row = max_aggregation_prompt_len(problem, cfg, template, bos_ids=bos) + cfg.beta
 """
 
 from __future__ import annotations
@@ -35,11 +47,14 @@ import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from zaya_train.rsa.config import RSAConfig
 from zaya_train.rsa.metrics import RoundMetrics, round_metrics
 from zaya_train.rsa.template import AggregationTemplate
+
+if TYPE_CHECKING:
+    import torch
 
 
 class GenerationResult(Protocol):
@@ -47,6 +62,23 @@ class GenerationResult(Protocol):
     def token_ids(self) -> Sequence[int]:
         """Newly generated tokens only (no prompt)."""
         ...
+
+
+class RolloutOutput(GenerationResult, Protocol):
+    """One engine generation as RL needs it; `zaya_train.rollout.RolloutResult` is one."""
+
+    @property
+    def logprobs(self) -> Sequence[float]:
+        """Log-probability of each new token under the sampling policy."""
+        ...
+
+    @property
+    def expert_ids(self) -> torch.Tensor:
+        """[len(prompt) + len(token_ids), layers] router choices, prompt positions included."""
+        ...
+
+    @property
+    def finish_reason(self) -> str: ...
 
 
 class Generate(Protocol):
@@ -125,9 +157,13 @@ def generation_seed(seed: int, round_idx: int) -> int:
 def choose_parents(
     seed: int, problem_id: str | int, round_idx: int, candidate_idx: int, n: int, c: int
 ) -> tuple[int, ...]:
-    """Indices of the c distinct round-(round_idx-1) candidates shown to candidate `candidate_idx`."""
+    """Indices of the c distinct round-(round_idx-1) candidates (out of n) shown to prompt `candidate_idx`.
+
+    With c = 1 prompt i continues candidate i, wrapping around when there are more prompts than candidates,
+    so every chain is continued as evenly as the prompt count allows.
+    """
     if c == 1:
-        return (candidate_idx,)
+        return (candidate_idx % n,)
     rng = random.Random(_hash64("subset", seed, problem_id, round_idx, candidate_idx))
     return tuple(rng.sample(range(n), c))
 
@@ -175,28 +211,129 @@ def carried_context(token_ids: Sequence[int], config: RSAConfig) -> list[int]:
     return cut_tail(part, config.tau, config.truncation_marker_ids)
 
 
+class AggregationPrompt(NamedTuple):
+    prompt_ids: list[int]
+    parents: tuple[int, ...]
+    """Indices into the population the prompt was built from, in the order their tails appear."""
+
+
+def population_prompts(
+    problem: RSAProblem,
+    population: Sequence[Sequence[int]],
+    round_idx: int,
+    k: int,
+    config: RSAConfig,
+    template: AggregationTemplate,
+    *,
+    seed: int,
+    bos_ids: Sequence[int] = (),
+) -> list[AggregationPrompt]:
+    """`k` aggregation prompts of round `round_idx` for one problem, from any round-(round_idx-1) population.
+
+    `population` holds each candidate's generated token ids; whether it finished is read from them
+    (`config.reasoning_end_ids`), as `carried_context` does. `k` need not be the population size. Each prompt
+    shows config.c distinct candidates, chosen from `seed`, the problem id, the round and the prompt index (not
+    from config.seed): `run_rsa` passes config.seed, an RL loop a new seed every step. `bos_ids` go in front of
+    every prompt, so that the returned ids are exactly what the engine is fed and what a `Trajectory` records.
+    """
+    if round_idx < 1:
+        raise ValueError(f"round_idx must be >= 1 for aggregation prompts, got {round_idx}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = len(population)
+    if n < config.c:
+        raise ValueError(f"population must hold at least config.c={config.c} candidates, got {n}")
+    contexts = [carried_context(ids, config) for ids in population]
+    question = problem.aggregation_question_ids
+    out = []
+    for i in range(k):
+        parents = choose_parents(seed, problem.problem_id, round_idx, i, n, config.c)
+        prompt = [*bos_ids, *template.render(question, [contexts[j] for j in parents])]
+        out.append(AggregationPrompt(prompt, parents))
+    return out
+
+
 def aggregation_prompts(
     problem: RSAProblem,
     previous: Sequence[Sequence[int]],
     round_idx: int,
     config: RSAConfig,
     template: AggregationTemplate,
-) -> list[tuple[list[int], tuple[int, ...]]]:
-    """The N (prompt ids, parent indices) of round `round_idx` for one problem, from round-1's token ids.
-
-    Also usable on its own, e.g. to build round-1 RL prompts from teacher rollouts.
-    """
-    if round_idx < 1:
-        raise ValueError(f"round_idx must be >= 1 for aggregation prompts, got {round_idx}")
+) -> list[AggregationPrompt]:
+    """The N prompts `run_rsa` builds for round `round_idx` of one problem from round-1's N candidates."""
     if len(previous) != config.n:
         raise ValueError(f"previous must hold config.n={config.n} candidates, got {len(previous)}")
-    contexts = [carried_context(ids, config) for ids in previous]
-    question = problem.aggregation_question_ids
-    out = []
-    for i in range(config.n):
-        parents = choose_parents(config.seed, problem.problem_id, round_idx, i, config.n, config.c)
-        out.append((template.render(question, [contexts[j] for j in parents]), parents))
-    return out
+    return population_prompts(problem, previous, round_idx, config.n, config, template, seed=config.seed)
+
+
+def max_aggregation_prompt_len(
+    problem: RSAProblem, config: RSAConfig, template: AggregationTemplate, bos_ids: Sequence[int] = ()
+) -> int:
+    """The longest prompt `population_prompts` can build for `problem`: |bos| + |question| + template overhead +
+    C * (tau + |marker|), reached when every shown tail was cut.
+
+    Under "full" a candidate is carried whole, so the bound takes C * beta instead and holds for populations
+    generated under beta (every round but the last). The template's overhead is read by rendering it around
+    empty tails, which is exact for templates that only add fixed pieces, like `TextAggregationTemplate`.
+    """
+    longest = config.beta if config.variant == "full" else config.tau + len(config.truncation_marker_ids)
+    shell = template.render(problem.aggregation_question_ids, [[] for _ in range(config.c)])
+    return len(bos_ids) + len(shell) + config.c * longest
+
+
+@dataclass(eq=False)  # expert_ids is a tensor, whose == is elementwise
+class Trajectory:
+    """One generated sequence as RL trains on it. Build it with `Trajectory.from_rollout`; set `reward` once
+    the sequence is scored."""
+
+    problem_id: str | int
+    round: int
+    prompt_ids: list[int]
+    """The ids the engine was fed, BOS included when the caller added one: the context of token_ids."""
+    token_ids: list[int]
+    """New tokens only."""
+    logprobs: list[float]
+    expert_ids: torch.Tensor
+    """[len(prompt_ids) + len(token_ids), layers], for router replay."""
+    finish_reason: str
+    parents: tuple[int, ...]
+    """Indices into the previous round's population; () in round 0."""
+    reward: float | None = None
+
+    @classmethod
+    def from_rollout(
+        cls,
+        problem_id: str | int,
+        round_idx: int,
+        prompt_ids: Sequence[int],
+        result: RolloutOutput,
+        parents: tuple[int, ...] = (),
+    ) -> Trajectory:
+        """The record of `result`, generated from exactly `prompt_ids` (what the engine was fed)."""
+        if (round_idx == 0) != (not parents):
+            raise ValueError(
+                f"parents must be empty exactly in round 0, got {parents!r} in round {round_idx}"
+            )
+        if len(result.logprobs) != len(result.token_ids):
+            raise ValueError(f"result has {len(result.logprobs)} logprobs for {len(result.token_ids)} tokens")
+        # The engine routes every position it was fed, so a prompt that differs from the engine's (typically by a
+        # BOS added on one side only) shows up as a row-count mismatch.
+        positions = len(prompt_ids) + len(result.token_ids)
+        if len(result.expert_ids) != positions:
+            raise ValueError(
+                f"result.expert_ids has {len(result.expert_ids)} rows but prompt_ids + token_ids hold {positions} "
+                "tokens: prompt_ids must be exactly the ids the engine was fed (BOS included)"
+            )
+        return cls(
+            problem_id=problem_id,
+            round=round_idx,
+            prompt_ids=list(prompt_ids),
+            token_ids=[int(x) for x in result.token_ids],
+            logprobs=[float(x) for x in result.logprobs],
+            expert_ids=result.expert_ids,
+            finish_reason=result.finish_reason,
+            parents=tuple(parents),
+        )
 
 
 def _generate_round(
