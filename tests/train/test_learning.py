@@ -83,8 +83,10 @@ def test_trainer_steps_equal_a_plain_loop(tmp_path):
 
 @pytest.mark.slow
 def test_default_nano_run_learns_the_task(tmp_path):
-    """`zaya-train` as a user runs it (seed 0, 500 steps): the same task in a plain loop reaches loss ~0.02 and ~0.9
-    greedy accuracy; the bound leaves margin for the seed-to-seed spread of where the loss drops."""
+    """`zaya-train` as a user runs it (seed 0, 500 steps). Before the vocabulary fix this run ended at loss 0.23-0.46
+    and 1-1.5% greedy accuracy; now seed 0 ends at ~0.03 and ~0.59. The loss of this task falls in a late, sharp
+    drop whose step varies from seed to seed (benchmarks/README.md has the 3-seed figures), so the bounds guard
+    against the old failure with margin rather than pin this seed's numbers."""
     proc = subprocess.run([sys.executable, "-m", "zaya_train", "trainer.progress_bar=false", "wandb.mode=disabled",
                            f"run_dir={tmp_path / 'run'}"], env={**os.environ, "DS_ACCELERATOR": "cpu"},
                           cwd=tmp_path, capture_output=True, text=True, timeout=1800)
@@ -94,4 +96,4 @@ def test_default_nano_run_learns_the_task(tmp_path):
     evaluation = next(r for r in rows if r.get("event") == "eval")
     assert final["step"] == 500
     assert final["loss"] <= 0.1, final["loss"]
-    assert evaluation["eval/greedy_accuracy"] >= 0.5, evaluation
+    assert evaluation["eval/greedy_accuracy"] >= 0.4, evaluation
