@@ -51,8 +51,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 # so results differ in the last bits (a relative 1e-7) from step 1 on. Training amplifies that drift, slowly at
 # first and fast after a loss spike. Measured here: over the first 12 steps every stage stays within 2.4e-7 of
 # ZeRO-0 in loss, 2.5e-6 (relative) in gradient norm and 1.1e-6 in any parameter; 30 steps pass a spike at step 12
-# and end 2e-4 apart in loss and 6e-4 in parameters. So the comparison runs 12 steps (the loss still falls by over
-# 1.0) with tolerances 10-40x above the measured drift, yet far below what a real difference in the step does: one
+# and end 2e-4 apart in loss and 6e-4 in parameters. So the comparison runs 12 steps (the mean loss of steps 10-12 is
+# ~0.4 below that of steps 1-3 with the 20-token nano vocabulary) with tolerances 10-40x above the measured drift, yet far below what a real difference in the step does: one
 # Adam step moves a parameter by up to lr = 3e-3; a learning rate 1% off moves the step-2 loss by 1e-3, clipping at
 # 0.9 instead of 1.0 the step-3 loss by 1e-4, and a 1% lr change leaves parameters 5e-4 apart after 12 steps.
 STEPS = 12
@@ -83,7 +83,7 @@ def test_two_ranks_learn_and_agree(tmp_path, stage, zero0_reference):
     got_rows = step_rows(run_dir)
     assert sorted(got_rows) == sorted(want_rows) == list(range(1, STEPS + 1))
     first, last = (sum(got_rows[s]["loss"] for s in steps) / 3 for steps in ((1, 2, 3), (STEPS - 2, STEPS - 1, STEPS)))
-    assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert last < first - 0.25, f"loss did not fall: {first:.3f} -> {last:.3f}"
     for step in range(1, STEPS + 1):
         got, want = got_rows[step], want_rows[step]
         assert got["loss"] == pytest.approx(want["loss"], abs=LOSS_ATOL), (step, got["loss"], want["loss"])
