@@ -5,10 +5,12 @@
 
 Per optimizer step: `gradient_accumulation_steps` micro-batches forward + backward, one DeepSpeed step, then the
 expert-bias balancer's update from the step's global expert loads. A micro-batch whose loss is NaN or Inf (on
-any rank) is skipped before its backward; a step whose gradients are non-finite is skipped by the optimizer;
-both are counted, and `trainer.max_nonfinite_in_row` skipped steps in a row stop the run. SIGTERM or SIGUSR1
-(Slurm preemption) finishes the current step, saves a checkpoint and exits cleanly. A checkpoint is never
-written from non-finite weights.
+any rank) contributes no gradient and leaves the step's loss and expert loads (its backward runs on the zeroed
+loss, so DeepSpeed's accumulation count stays in step); a step whose gradients are non-finite is skipped by the
+optimizer; both are counted, and `trainer.max_nonfinite_in_row` skipped steps in a row stop the run. With
+`data.num_epochs` set, the run stops with a checkpoint when the data is used up. SIGTERM or SIGUSR1 (Slurm
+preemption) finishes the current step, saves a checkpoint and exits cleanly. A checkpoint is never written from
+non-finite weights.
 """
 
 from __future__ import annotations
@@ -147,8 +149,7 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
     stop = _StopSignal()
     flops_per_token = model_flops_per_token(model_config, cfg.data.seq_len)
     peak = peak_flops(info.device, cfg.trainer.peak_flops)
-    metrics = MetricsSink(run_dir, cfg.wandb, info.rank,
-                          run_config=cfg)
+    metrics = MetricsSink(run_dir, cfg.wandb, info.rank, run_config=cfg)
     if data.stats and info.rank == 0:
         metrics.log(state["step"], float("nan"), {**data.stats, "event": "data"})
     progress = None
