@@ -4,10 +4,11 @@
     zaya-train recipe=pretrain data.path=corpus.jsonl model=small trainer.max_steps=2000
     zaya-train recipe=export checkpoint=runs/nano/... out=exports/nano
     zaya-train recipe=eval_rsa checkpoint=runs/nano/... eval.data=nano_chain_sum rsa.t=2
+    zaya-train recipe=rl model.init_from=runs/nano/... rl.codesign.share=0.5 rl.codesign.rounds=2
     zaya-train -m recipe=nano optim.lr=1e-3,3e-3       # a sweep: one job per value
     torchrun --nproc_per_node=2 -m zaya_train recipe=nano deepspeed=zero2
 
-Recipes live in `recipes/`, config groups in `conf/` (model, data, optim, deepspeed, trainer, logging). Every key
+Recipes live in `recipes/`, config groups in `conf/` (model, data, optim, deepspeed, trainer, logging, rsa, rl). Every key
 is typed (zaya_train/train/config.py): an unknown key, a wrong type or an impossible value stops the command
 before anything is built, with one line naming the key and exit code 2.
 """
@@ -136,10 +137,15 @@ def _task(cfg: DictConfig) -> None:
         out = export_checkpoint(run_cfg.checkpoint, run_cfg.out)
         print(f"zaya-train: wrote an HF zaya checkpoint and its tokenizer to {out}")
         return
-    from zaya_train.train.trainer import TrainingDiverged, train
+    from zaya_train.train.trainer import PretrainSource, TrainingDiverged, train
 
+    source_factory = PretrainSource
+    if run_cfg.recipe == "rl":
+        from zaya_train.rl.loop import RLSource
+
+        source_factory = RLSource
     try:
-        summary = train(run_cfg, run_dir)
+        summary = train(run_cfg, run_dir, source_factory=source_factory)
     except ConfigError as err:
         print(f"zaya-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -10,6 +10,10 @@ Fault injection for the resume tests:
 ZAYA_TEST_SIGTERM_AT_STEP=k sends this process SIGTERM once step k is logged; ZAYA_TEST_SIGKILL_IN_CHECKPOINT=n
 kills it with SIGKILL in the middle of writing its n-th checkpoint; ZAYA_TEST_NAN_LOSS_STEPS=3,4 makes the loss
 NaN at those training forwards (1-based micro-batch counts: optimizer steps when gradient accumulation is 1).
+recipe=rl runs the RL batch source. ZAYA_TEST_REWARD_DIGIT=d scores an RL completion by the fraction of its
+characters that are the digit d (a reward a random policy can climb, for tests that need non-zero advantages);
+ZAYA_TEST_CHECK_SYNC=1 makes the result hold `sync_logprob_diff`: after the last step, the rollout engine generates
+and its logprobs are compared with a fresh model built from the trainer's final (gathered) weights.
 """
 
 import json
@@ -112,6 +116,61 @@ def dump_initial_weights() -> None:
     trainer._initial_model = initial_model_then_dump
 
 
+def patch_rl(source_class, report: dict) -> None:
+    digit = os.environ.get("ZAYA_TEST_REWARD_DIGIT")
+    if digit:
+        from zaya_train.rl import prompts
+
+        class DigitShare:
+            def score(self, completion: str, reference) -> float:
+                return completion.count(digit) / max(len(completion), 1)
+
+        make_source = prompts.prompt_source
+        prompts_module_source = prompts.PromptSource
+
+        def with_digit_reward(data, seed):
+            source = make_source(data, seed)
+            return prompts_module_source(source.rows, DigitShare(), source.seed, source.shuffle_rows)
+
+        import zaya_train.rl.loop as loop
+
+        loop.prompt_source = with_digit_reward
+    if os.environ.get("ZAYA_TEST_CHECK_SYNC"):
+        finish = source_class.finish
+
+        def finish_then_check(self, engine, step, loss, metrics, info):
+            finish(self, engine, step, loss, metrics, info)
+            report["sync_logprob_diff"] = sync_logprob_diff(self, engine)
+
+        source_class.finish = finish_then_check
+
+
+def sync_logprob_diff(source, engine) -> float:
+    """max |engine logprob - fresh forward logprob| over sampled tokens, the fresh model built from the gathered
+    trainer weights (router replay on, so routing flips cannot hide or fake a difference)."""
+    import deepspeed
+
+    from zaya_train.model import ZayaForCausalLM
+
+    module = engine.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    fresh = ZayaForCausalLM(module.config)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    prompts = [[source.tokenizer.bos_token_id, *source.collector.encode("Q12+34+56+78+90+11=")]] * 4
+    results = source.sync.rollout.generate(prompts, max_new_tokens=12, seed=7, temperature=1.0)
+    worst = 0.0
+    for prompt, r in zip(prompts, results):
+        ids = torch.tensor([prompt + r.token_ids])
+        with torch.no_grad():
+            out = fresh(ids, labels=ids, expert_ids=r.expert_ids[None], return_logits=False, return_logprobs=True)
+        fresh_logp = out.logprobs[0, len(prompt) - 1: len(prompt) - 1 + len(r.token_ids)]
+        worst = max(worst, float((fresh_logp - torch.tensor(r.logprobs)).abs().max()))
+    return worst
+
+
 def main() -> None:
     result_path, *args = sys.argv[1:]
     recipe = "nano"
@@ -125,11 +184,18 @@ def main() -> None:
     dump_initial_weights()
     inject_faults()
     inject_nan_losses()
-    from zaya_train.train.trainer import TrainingDiverged, train
+    from zaya_train.train.trainer import PretrainSource, TrainingDiverged, train
 
     report = {}
+    source_factory = PretrainSource
+    if recipe == "rl":
+        from zaya_train.rl.loop import RLSource
+
+        patch_rl(RLSource, report)
+        source_factory = RLSource
     try:
-        summary = train(cfg, Path(cfg.run_dir), on_finish=lambda engine: report.update(rank_spread(engine)))
+        summary = train(cfg, Path(cfg.run_dir), on_finish=lambda engine: report.update(rank_spread(engine)),
+                        source_factory=source_factory)
     except TrainingDiverged as err:
         summary = {"diverged": str(err)}
     if dist.get_rank() == 0:

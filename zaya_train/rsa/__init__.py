@@ -33,7 +33,7 @@ from zaya_train.rsa.core import (
     verifier_scorer,
 )
 from zaya_train.rsa.metrics import RESULTS_FILE, RoundMetrics, majority_score, round_metrics, write_results
-from zaya_train.rsa.template import AggregationTemplate, TextAggregationTemplate
+from zaya_train.rsa.template import AggregationTemplate, TextAggregationTemplate, build_template
 
 __all__ = [
     "RESULTS_FILE",
@@ -52,6 +52,7 @@ __all__ = [
     "TextAggregationTemplate",
     "Trajectory",
     "aggregation_prompts",
+    "build_template",
     "carried_context",
     "choose_parents",
     "cut_tail",

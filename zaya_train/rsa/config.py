@@ -39,6 +39,9 @@ class RSAConfig:
     """Token ids put before a tail that was cut, so the model can tell it starts mid-trace."""
     strip_ids: list[int] = field(default_factory=list)
     """Token ids (e.g. EOS, padding) removed from the end of a candidate before its tail is taken."""
+    template: str = "text"
+    """Aggregation prompt wording (`zaya_train.rsa.template.build_template`): "text", or "compact" (`|`-separated
+    tails, for character vocabularies without letters)."""
     seed: int = 0
     """Seeds the generator and the choice of candidate subsets; same seed, same run."""
 
@@ -68,5 +71,7 @@ class RSAConfig:
             raise ValueError(
                 f"RSAConfig.tau must be <= beta (a tail is part of one rollout), got tau={self.tau}, beta={self.beta}"
             )
+        if self.template not in ("text", "compact"):
+            raise ValueError(f"RSAConfig.template must be 'text' or 'compact', got {self.template!r}")
         if self.variant == "answer_tails" and not self.reasoning_end_ids:
             raise ValueError("RSAConfig.reasoning_end_ids must be set for variant 'answer_tails'")

@@ -27,7 +27,7 @@ from zaya_train.rewards import ExactMatchVerifier, MathVerifier, ReasoningGymVer
 from zaya_train.rollout import RolloutEngine
 from zaya_train.rsa.core import RSAProblem, run_rsa, verifier_scorer
 from zaya_train.rsa.metrics import RESULTS_FILE, write_results
-from zaya_train.rsa.template import TextAggregationTemplate
+from zaya_train.rsa.template import build_template
 
 PLOT_FILE = "rsa_accuracy.png"
 
@@ -69,7 +69,7 @@ def run_eval(cfg, run_dir: Path, overlay_dir: Path | None = None) -> dict[str, A
         RSAProblem(problem_id=i, prompt_ids=bos + encode(question), question_ids=encode(question), reference=reference)
         for i, (question, reference) in enumerate(pairs)
     ]
-    template = TextAggregationTemplate.from_text(encode, max_candidates=cfg.rsa.c)
+    template = build_template(cfg.rsa.template, encode, max_candidates=cfg.rsa.c)
     engine = RolloutEngine(model)
     rounds_bar = tqdm(total=cfg.rsa.t + 1, desc=f"Markovian RSA, {len(problems)} problems x N={cfg.rsa.n}",
                       unit="round", disable=not cfg.eval.progress_bar)
@@ -83,7 +83,7 @@ def run_eval(cfg, run_dir: Path, overlay_dir: Path | None = None) -> dict[str, A
         rounds_bar.update(1)
         return results
 
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
     result = run_rsa(problems, generate, verifier_scorer(verifier, decode), cfg.rsa, template)
     rounds_bar.close()
     path = write_results(result, run_dir)

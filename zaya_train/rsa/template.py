@@ -96,3 +96,19 @@ class TextAggregationTemplate:
             out.extend(tail)
         out.extend(self.outro_ids)
         return out
+
+
+TEMPLATES = ("text", "compact")
+
+
+def build_template(kind: str, encode: Callable[[str], Sequence[int]], max_candidates: int) -> TextAggregationTemplate:
+    """The aggregation template `RSAConfig.template` names. "text": the default wording above. "compact": the
+    question, then each tail after a `|`, then a closing `|`, for tiny character vocabularies (the nano task's),
+    which hold no letters for the wording."""
+    if kind == "text":
+        return TextAggregationTemplate.from_text(encode, max_candidates=max_candidates)
+    if kind == "compact":
+        return TextAggregationTemplate.from_text(
+            encode, max_candidates=max_candidates, intro="", before_candidates="", candidate_header="|", outro="|"
+        )
+    raise ValueError(f"unknown aggregation template {kind!r}, expected one of {TEMPLATES}")

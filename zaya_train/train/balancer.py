@@ -107,8 +107,9 @@ class ExpertBiasBalancer:
         self.num_accumulated += 1
 
     @torch.no_grad()
-    def step(self) -> dict[str, float]:
-        """All-reduces the accumulated counts, updates the biases once, resets the counts; returns the metrics."""
+    def step(self, update_biases: bool = True) -> dict[str, float]:
+        """All-reduces the accumulated counts, updates the biases once (unless `update_biases` is False: RL keeps
+        the rollout policy's routing fixed), resets the counts; returns the metrics."""
         if self.num_accumulated == 0:
             raise RuntimeError("ExpertBiasBalancer.step() called with no accumulate() since the last step")
         counts_LX = self.counts_LX
@@ -120,11 +121,12 @@ class ExpertBiasBalancer:
         # A layer that routed no token to any expert has no load signal: give it a zero error, not -1/E.
         error_LE = torch.where(total_L1 > 0, load_LE - 1 / self.num_experts, 0.0)
 
-        self._resync_from_buffers()
-        self.bias_LE.grad = error_LE.to(self.bias_LE)
-        self.optimizer.step()
-        self.bias_LE.grad = None
-        self._write_buffers()
+        if update_biases:
+            self._resync_from_buffers()
+            self.bias_LE.grad = error_LE.to(self.bias_LE)
+            self.optimizer.step()
+            self.bias_LE.grad = None
+            self._write_buffers()
 
         metrics = self._metrics(counts_LX, load_LE)
         self.reset()

@@ -8,6 +8,7 @@ steps, a missing data file), naming the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from zaya_train.loading import check_model_source, resolve_checkpoint
 from zaya_train.metrics import WandbConfig
 from zaya_train.model import ZayaConfig, preset
 from zaya_train.model.config import PRESETS
+from zaya_train.rl.config import RLConfig
 from zaya_train.rsa.config import RSAConfig
 from zaya_train.train.balancer import BalancerConfig
 from zaya_train.train.optim import OptimConfig
@@ -241,6 +243,7 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     rsa: RSAConfig = field(default_factory=RSAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     # recipe=export and recipe=eval_rsa: a run directory, a trainer checkpoint (eval_rsa also: an HF directory)
     checkpoint: str | None = None
     out: str | None = None  # recipe=export
@@ -252,6 +255,14 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.checkpoint is not None, "checkpoint", f"recipe={cfg.recipe} needs checkpoint=PATH (a run directory or a checkpoint)")
     if cfg.recipe == "eval_rsa":
         _require_model_source(cfg.checkpoint, "checkpoint")
+    if cfg.recipe == "rl":
+        _require(cfg.model.init_from is not None, "model.init_from",
+                 "recipe=rl needs the policy to start from (a run directory, a trainer checkpoint or an HF directory)")
+        _require(cfg.rl.prompts_per_step % max(1, int(os.environ.get("WORLD_SIZE", "1"))) == 0, "rl.prompts_per_step",
+                 f"{cfg.rl.prompts_per_step} is not a multiple of the {os.environ.get('WORLD_SIZE')} ranks")
+        _require(cfg.rsa.c <= cfg.rl.group_size or cfg.rl.codesign.share == 0, "rsa.c",
+                 f"{cfg.rsa.c} tails per aggregation prompt need a population of at least that many "
+                 f"(rl.group_size={cfg.rl.group_size})")
     if cfg.recipe == "export":
         _require_checkpoint(cfg.checkpoint, "checkpoint")
         _require(cfg.out is not None, "out", "recipe=export needs out=PATH")

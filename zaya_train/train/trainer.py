@@ -16,12 +16,14 @@ non-finite weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -35,7 +37,14 @@ from zaya_train.train import checkpoint as ckpt
 from zaya_train.train.balancer import ExpertBiasBalancer
 from zaya_train.train.config import ConfigError, RunConfig
 from zaya_train.train.data import build_training_data
-from zaya_train.train.engine import DistInfo, build_engine, grad_norm, init_distributed, resolve_dtype, skipped_steps
+from zaya_train.train.engine import (
+    DistInfo,
+    build_engine,
+    grad_norm,
+    init_distributed,
+    resolve_dtype,
+    skipped_steps,
+)
 from zaya_train.train.metrics import model_flops_per_token, peak_flops, throughput
 
 log = logging.getLogger("zaya_train")
@@ -95,8 +104,177 @@ def _initial_model(cfg: RunConfig, model_config) -> ZayaForCausalLM:
     return model
 
 
-def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """Runs the configured training; returns a summary (final step, last loss, why it stopped). `on_finish` is
+class MicroBatch(NamedTuple):
+    """What one micro-batch's forward hands the shared step: `loss` to back-propagate, `value` (detached) to
+    report, the forward's `tokens_per_expert` and the number of tokens it ran."""
+
+    loss: torch.Tensor
+    value: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    tokens: int
+
+
+@dataclass
+class Update:
+    """One optimizer step: the mean reported value of its finite micro-batches (NaN if none) and whether the
+    optimizer skipped it."""
+
+    loss: float
+    skipped: bool
+    tokens: int
+
+
+class StepRunner:
+    """The optimizer step every batch source goes through, with its guardrails: forward and backward of each
+    micro-batch, one DeepSpeed step, the expert-bias balancer, the non-finite counters and the stop after
+    `trainer.max_nonfinite_in_row` skipped steps. Pretraining calls `update` once per trainer step; RL once per
+    minibatch and epoch."""
+
+    def __init__(self, engine, balancer: ExpertBiasBalancer, cfg: RunConfig, info: DistInfo, state: dict[str, Any]):
+        self.engine, self.balancer, self.cfg, self.info, self.state = engine, balancer, cfg, info, state
+        self.in_row = 0
+        self.router_metrics: dict[str, float] = {}
+
+    def update(
+        self, micro_batches: Sequence[Callable[[], MicroBatch]], *, scale_wrt_gas: bool = True,
+        update_biases: bool = True,
+    ) -> Update:
+        """Runs exactly `deepspeed.gradient_accumulation_steps` micro-batches (DeepSpeed counts them to find the
+        step boundary) and the optimizer step. `scale_wrt_gas=False` when each micro-batch's loss is already
+        normalised over the whole step. With `update_biases` False the balancer only measures the loads."""
+        engine, device = self.engine, self.info.device
+        if len(micro_batches) != engine.gradient_accumulation_steps():
+            raise ValueError(
+                f"{len(micro_batches)} micro-batches for a step of deepspeed.gradient_accumulation_steps="
+                f"{engine.gradient_accumulation_steps()}"
+            )
+        values, tokens, counted = [], 0, False
+        skipped_before = skipped_steps(engine)
+        for run in micro_batches:
+            out = run()
+            tokens += out.tokens
+            finite = not _any_rank(not bool(torch.isfinite(out.value)), device)
+            # A non-finite micro-batch still runs its backward and engine.step(), with its loss zeroed:
+            # DeepSpeed finds the accumulation boundary (and ZeRO flushes its gradient buckets) by counting
+            # them. Its gradient is zero, or non-finite where its activations are, and then the optimizer
+            # skips the whole step.
+            engine.backward(out.loss if finite else out.loss * 0.0, scale_wrt_gas=scale_wrt_gas)
+            engine.step()
+            if not finite:
+                self.state["nonfinite_loss_micro_batches"] += 1
+                continue
+            self.balancer.accumulate(out.tokens_per_expert)
+            values.append(float(out.value))
+            counted = True
+        skipped = not counted or skipped_steps(engine) > skipped_before
+        value_sum, value_count = _sum_over_ranks([sum(values), len(values)], device)
+        if skipped:
+            self.state["skipped_steps"] += 1
+            self.in_row += 1
+            if self.balancer.num_accumulated:
+                self.balancer.reset()
+            if self.in_row >= self.cfg.trainer.max_nonfinite_in_row:
+                raise TrainingDiverged(
+                    f"{self.in_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
+                    f"{self.state['step'] + 1}); stopping. Lower optim.lr, check the data, or resume from the last "
+                    "checkpoint."
+                )
+        else:
+            self.in_row = 0
+            self.router_metrics = self.balancer.step(update_biases=update_biases)
+        return Update(value_sum / value_count if value_count else float("nan"), skipped, tokens)
+
+
+@dataclass
+class StepResult:
+    """What a batch source reports for one trainer step: the loss to log, the tokens it trained on (this rank),
+    whether any optimizer step of it was skipped, and its own metrics."""
+
+    loss: float
+    tokens: int
+    skipped: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class BatchSource(Protocol):
+    """Where a trainer step's batches come from: the packed pretraining loader, or RL rollouts
+    (zaya_train.rl.loop). Built before the model (it owns the tokenizer); `attach` hands it the engine."""
+
+    tokenizer: Any
+    stats: dict[str, int]
+
+    def attach(self, engine, info: DistInfo) -> None: ...
+
+    def run_step(self, step: int, runner: StepRunner) -> StepResult | None:
+        """Runs one trainer step (one or more `runner.update` calls); None when the data is used up."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position, saved in every checkpoint (data_state.json)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def finish(self, engine, step: int, loss: float, metrics: MetricsSink, info: DistInfo) -> None:
+        """After the last step of a run that was not interrupted (end-of-run evaluation)."""
+        ...
+
+
+SourceFactory = Callable[[RunConfig, Path, DistInfo], BatchSource]
+
+
+class PretrainSource:
+    """Packed windows of the pretraining / SFT / chain-sum data, `deepspeed.gradient_accumulation_steps`
+    micro-batches per step, the fused cross-entropy."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo) -> None:
+        self.cfg = cfg
+        data = build_training_data(cfg.data, run_dir, cfg.seed, info.rank)
+        self.tokenizer, self.stats = data.tokenizer, data.stats
+        self.loader = PackedLoader(
+            data.windows,
+            LoaderConfig(micro_batch_size=cfg.data.micro_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                         num_epochs=cfg.data.num_epochs),
+            rank=info.rank, world_size=info.world_size,
+        )
+        self._batches = None
+
+    def attach(self, engine, info: DistInfo) -> None:
+        self.engine, self.device = engine, info.device
+
+    def run_step(self, step: int, runner: StepRunner) -> StepResult | None:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        batches = [next(self._batches, None) for _ in range(self.cfg.deepspeed.gradient_accumulation_steps)]
+        if any(b is None for b in batches):
+            return None
+        update = runner.update([functools.partial(self._forward, b) for b in batches])
+        return StepResult(update.loss, update.tokens, update.skipped)
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> MicroBatch:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        out = self.engine(
+            batch["input_ids"], document_ids=batch["document_ids"], labels=batch["labels"], return_logits=False
+        )
+        return MicroBatch(out.loss, out.loss.detach().float(), out.tokens_per_expert, batch["input_ids"].numel())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def finish(self, engine, step: int, loss: float, metrics: MetricsSink, info: DistInfo) -> None:
+        if self.cfg.data.kind == "chain_sum" and self.cfg.trainer.eval_problems:
+            _evaluate(self.cfg, engine, self.tokenizer, step, loss, metrics, info)
+
+
+def train(
+    cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None = None,
+    source_factory: SourceFactory = PretrainSource,
+) -> dict[str, Any]:
+    """Runs the configured training; returns a summary (final step, last loss, why it stopped). `source_factory`
+    builds the batch source (pretraining by default; `zaya_train.rl.loop.RLSource` for recipe=rl). `on_finish` is
     called with the DeepSpeed engine once training ends (e.g. to inspect or export the live model)."""
     info: DistInfo = init_distributed()
     torch.manual_seed(cfg.seed)
@@ -104,8 +282,8 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
     if info.rank == 0:
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
 
-    data = build_training_data(cfg.data, run_dir, cfg.seed, info.rank)
-    tokenizer = data.tokenizer
+    source = source_factory(cfg, run_dir, info)
+    tokenizer = source.tokenizer
     vocab = len(tokenizer)
     special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                "eos_token_id": tokenizer.eos_token_id}
@@ -129,93 +307,49 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
 
     dtype = resolve_dtype(cfg, info.device)
     model = _initial_model(cfg, model_config).to(info.device)
+    model_config = model.config
     engine, scheduler = build_engine(model, cfg, dtype, load_universal=universal)
     balancer = ExpertBiasBalancer(engine.module.routers(), cfg.balancer)
-    loader = PackedLoader(
-        data.windows,
-        LoaderConfig(micro_batch_size=cfg.data.micro_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                     num_epochs=cfg.data.num_epochs),
-        rank=info.rank, world_size=info.world_size,
-    )
     state = {"step": 0, "nonfinite_loss_micro_batches": 0, "skipped_steps": 0, "tokens": 0}
     if resume_from is not None:
         trainer_state, data_state, balancer_state = ckpt.load_checkpoint(resume_from, engine, universal)
-        loader.load_state_dict(data_state)
+        source.load_state_dict(data_state)
         balancer.load_state_dict(balancer_state)
         state.update({k: trainer_state[k] for k in state})
         if info.rank == 0:
             log.info("resumed from %s at step %d", resume_from, state["step"])
+    source.attach(engine, info)
+    runner = StepRunner(engine, balancer, cfg, info, state)
 
     stop = _StopSignal()
     flops_per_token = model_flops_per_token(model_config, cfg.data.seq_len)
     peak = peak_flops(info.device, cfg.trainer.peak_flops)
     metrics = MetricsSink(run_dir, cfg.wandb, info.rank, run_config=cfg)
-    if data.stats and info.rank == 0:
-        metrics.log(state["step"], float("nan"), {**data.stats, "event": "data"})
+    if source.stats and info.rank == 0:
+        metrics.log(state["step"], float("nan"), {**source.stats, "event": "data"})
     progress = None
     if info.rank == 0 and cfg.trainer.progress_bar:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.trainer.max_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+        progress = tqdm(total=cfg.trainer.max_steps, initial=state["step"], desc=cfg.recipe, dynamic_ncols=True)
 
-    batches = iter(loader)
-    gas = cfg.deepspeed.gradient_accumulation_steps
-    in_row = 0
     reason = "max_steps"
     saved_step = state["step"]
     last_loss = float("nan")
     window_start, window_tokens = time.perf_counter(), 0
     try:
         while state["step"] < cfg.trainer.max_steps:
-            losses, step_tokens, counted, exhausted = [], 0, False, False
-            skipped_before = skipped_steps(engine)
-            for _ in range(gas):
-                batch = next(batches, None)
-                if batch is None:
-                    exhausted = True
-                    break
-                batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-                out = engine(
-                    batch["input_ids"], document_ids=batch["document_ids"], labels=batch["labels"], return_logits=False
-                )
-                step_tokens += batch["input_ids"].numel()
-                finite = not _any_rank(not bool(torch.isfinite(out.loss)), info.device)
-                # A non-finite micro-batch still runs its backward and engine.step(), with its loss zeroed:
-                # DeepSpeed finds the accumulation boundary (and ZeRO flushes its gradient buckets) by counting
-                # them. Its gradient is zero, or non-finite where its activations are, and then the optimizer
-                # skips the whole step.
-                engine.backward(out.loss if finite else out.loss * 0.0)
-                engine.step()
-                if not finite:
-                    state["nonfinite_loss_micro_batches"] += 1
-                    continue
-                balancer.accumulate(out.tokens_per_expert)
-                losses.append(out.loss.detach().float().item())
-                counted = True
-            if exhausted:
+            result = source.run_step(state["step"], runner)
+            if result is None:
                 reason = "data_exhausted"
                 if saved_step != state["step"]:
-                    _save(run_dir, cfg, engine, state, loader, balancer, info)
+                    _save(run_dir, cfg, engine, state, source, balancer, info)
                 break
-            step_skipped = not counted or skipped_steps(engine) > skipped_before
             state["step"] += 1
-            tokens_all, loss_sum, loss_count = _sum_over_ranks([step_tokens, sum(losses), len(losses)], info.device)
+            (tokens_all,) = _sum_over_ranks([result.tokens], info.device)
             state["tokens"] += int(tokens_all)
             window_tokens += int(tokens_all)
-            last_loss = loss_sum / loss_count if loss_count else float("nan")
-            if step_skipped:
-                state["skipped_steps"] += 1
-                in_row += 1
-                if balancer.num_accumulated:
-                    balancer.reset()
-                if in_row >= cfg.trainer.max_nonfinite_in_row:
-                    raise TrainingDiverged(
-                        f"{in_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
-                        f"{state['step']}); stopping. Lower optim.lr, check the data, or resume from the last checkpoint."
-                    )
-            else:
-                in_row = 0
-                router_metrics = balancer.step()
+            last_loss = result.loss
 
             if state["step"] % cfg.trainer.log_interval == 0 or state["step"] == cfg.trainer.max_steps:
                 elapsed = time.perf_counter() - window_start
@@ -227,9 +361,10 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
                     "skipped_steps": state["skipped_steps"],
                     "nonfinite_loss_micro_batches": state["nonfinite_loss_micro_batches"],
                     **throughput(window_tokens, max(elapsed, 1e-9), flops_per_token, info.world_size, peak),
+                    **result.metrics,
                 }
-                if not step_skipped:
-                    record.update(router_metrics)
+                if not result.skipped:
+                    record.update(runner.router_metrics)
                 metrics.log(state["step"], last_loss, record)
                 if progress is not None:
                     progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
@@ -240,13 +375,13 @@ def train(cfg: RunConfig, run_dir: Path, on_finish: Callable[[Any], None] | None
 
             stopping = _any_rank(stop.received is not None, info.device)
             if stopping or state["step"] % cfg.trainer.save_interval == 0 or state["step"] == cfg.trainer.max_steps:
-                _save(run_dir, cfg, engine, state, loader, balancer, info)
+                _save(run_dir, cfg, engine, state, source, balancer, info)
                 saved_step = state["step"]
             if stopping:
                 reason = f"signal {signal.Signals(stop.received).name if stop.received else 'on another rank'}"
                 break
-        if reason in ("max_steps", "data_exhausted") and cfg.data.kind == "chain_sum" and cfg.trainer.eval_problems:
-            _evaluate(cfg, engine, tokenizer, state["step"], last_loss, metrics, info)
+        if reason in ("max_steps", "data_exhausted"):
+            source.finish(engine, state["step"], last_loss, metrics, info)
     finally:
         if progress is not None:
             progress.close()
@@ -273,7 +408,8 @@ def _evaluate(cfg: RunConfig, engine, tokenizer, step: int, loss: float, metrics
                  results["eval/greedy_accuracy"], results["eval/sampled_accuracy"])
 
 
-def _save(run_dir: Path, cfg: RunConfig, engine, state: dict[str, Any], loader, balancer, info: DistInfo) -> None:
+def _save(run_dir: Path, cfg: RunConfig, engine, state: dict[str, Any], source: BatchSource, balancer,
+          info: DistInfo) -> None:
     if not _weights_finite(engine):
         log.error("step %d: weights are not finite; not writing a checkpoint", state["step"])
         return
@@ -285,5 +421,5 @@ def _save(run_dir: Path, cfg: RunConfig, engine, state: dict[str, Any], loader, 
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }
     ckpt.save_checkpoint(
-        run_dir, state["step"], engine, trainer_state, loader.state_dict(), balancer.state_dict(), cfg.trainer.keep_last
+        run_dir, state["step"], engine, trainer_state, source.state_dict(), balancer.state_dict(), cfg.trainer.keep_last
     )

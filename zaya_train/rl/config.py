@@ -1,0 +1,157 @@
+"""`RLConfig`: every `rl.*` key of `recipe=rl` (the run config's `rl` section; presets in conf/rl/).
+
+    zaya-train recipe=rl model.init_from=runs/nano/base rl=nano rl.codesign.share=0.5 rl.codesign.rounds=2
+
+Each value is checked when the section is built, and a bad one stops the command naming the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zaya_train.rl.algorithms import ADVANTAGE_KINDS, AGGREGATION_KINDS, TRUST_REGIONS
+
+CODESIGN_SOURCES = ("self", "expert", "mixed")
+
+
+class RLConfigError(ValueError):
+    """A bad `rl.*` value; the message starts with the key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise RLConfigError(f"{key}: {message}")
+
+
+@dataclass
+class CodesignConfig:
+    """Online Markovian RSA aggregation prompts mixed into the RL batch (the RSA parameters are `rsa.*`)."""
+
+    share: float = 0.0
+    """Fraction of the step's generated sequences that are aggregation outputs (0: plain RL)."""
+    rounds: int = 1
+    """Deepest aggregation round trained; round t is built from this step's round-(t-1) outputs."""
+    round_weights: list[float] | None = None
+    """How `share` splits over rounds 1..rounds (normalised; non-increasing); None: evenly."""
+    max_new_tokens: int = 16
+    """New-token budget of aggregation outputs."""
+    source: str = "self"
+    """Round-1 tails from the policy's own round-0 samples (self), from `expert_file` (expert), or half each."""
+    expert_file: str | None = None
+    """jsonl of {"question", "answer", "candidates": [text, ...]} for source=expert|mixed."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.share <= 1.0, "rl.codesign.share", f"must be in [0, 1], got {self.share}")
+        _require(self.rounds >= 0, "rl.codesign.rounds", f"must be >= 0, got {self.rounds}")
+        _require(self.max_new_tokens >= 1, "rl.codesign.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(self.source in CODESIGN_SOURCES, "rl.codesign.source",
+                 f"must be one of {CODESIGN_SOURCES}, got {self.source!r}")
+        if self.share > 0:
+            _require(self.rounds >= 1, "rl.codesign.rounds", "must be >= 1 when rl.codesign.share > 0")
+        if self.round_weights is not None:
+            weights = list(self.round_weights)
+            _require(len(weights) == self.rounds, "rl.codesign.round_weights",
+                     f"needs one weight per round ({self.rounds}), got {len(weights)}")
+            _require(all(w >= 0 for w in weights) and sum(weights) > 0, "rl.codesign.round_weights",
+                     f"must be non-negative with a positive sum, got {weights}")
+            _require(all(a >= b for a, b in itertools.pairwise(weights)), "rl.codesign.round_weights",
+                     f"must be non-increasing (round t+1 is built from round t's outputs), got {weights}")
+        if self.source != "self":
+            _require(self.expert_file is not None, "rl.codesign.expert_file",
+                     f"rl.codesign.source={self.source} needs an expert_file")
+        if self.expert_file is not None:
+            _require(Path(self.expert_file).is_file(), "rl.codesign.expert_file",
+                     f"no such file: {self.expert_file}")
+
+    def weights(self) -> list[float]:
+        raw = list(self.round_weights) if self.round_weights is not None else [1.0] * self.rounds
+        total = sum(raw)
+        return [w / total for w in raw]
+
+    def problems_per_round(self, plain_problems: int) -> list[int]:
+        """Problems that get round t = 1..rounds in a step with `plain_problems` plain ones: the share of
+        sequences that are round t's outputs is share * weight_t, all groups of G, so round t takes
+        round(P * share * w_t / (1 - share)) problems, capped by P and by the round before (at share 1, P)."""
+        if self.share == 0 or self.rounds == 0:
+            return []
+        counts, previous = [], plain_problems
+        for weight in self.weights():
+            k = plain_problems if self.share >= 1 else round(plain_problems * self.share * weight / (1 - self.share))
+            previous = min(previous, k)
+            counts.append(previous)
+        return counts
+
+
+@dataclass
+class RLConfig:
+    """The RL loop (zaya_train.rl.loop): rollouts from `data`, verifier rewards, the ZAYA1 loss spine."""
+
+    data: str = "nano_chain_sum"
+    """nano_chain_sum | rg:<reasoning-gym task> | a local jsonl of question/answer | hub:<dataset name>."""
+    prompts_per_step: int = 8
+    """Plain problems per step, over all ranks (a multiple of the world size)."""
+    group_size: int = 8
+    """G: samples per problem (and aggregation prompts per problem and round)."""
+    minibatches: int = 1
+    """Optimizer steps per batch."""
+    epochs: int = 1
+    """Passes over a batch."""
+    max_prompt_tokens: int = 256
+    """Plain prompts longer than this (BOS included) are skipped."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    advantage: str = "plain"
+    """maxrl | grpo | rloo | plain."""
+    dynamic_sampling: bool = False
+    """Drop groups whose task rewards are all 0 or all 1."""
+    max_refills: int = 0
+    """Extra passes of fresh plain problems to refill dropped groups."""
+    trust_region: str = "dppo_tv"
+    """dppo_tv | ppo_clip | none."""
+    delta: float = 0.1
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    tis_cap: float = 2.0
+    """Truncated importance sampling cap against the engine's logprobs; 0 turns the correction off."""
+    loss_aggregation: str = "token_mean"
+    """dr_grpo | token_mean | sequence_mean."""
+    length_bonus: bool = False
+    """ZAYA1's difficulty-scaled length reward (l_max = max_new_tokens)."""
+    canary: bool = True
+    """Zero the reward of LZ77-compressible (looping) rollouts."""
+    kl_coef: float = 0.0
+    """k3 KL to the frozen initial policy; 0: no reference model."""
+    router_replay: bool = True
+    """The trainer's forward replays the experts the engine chose for every token and layer."""
+    update_expert_biases: bool = False
+    """Move the routers' balancing biases during RL (off: the rollout policy changes only by gradient steps)."""
+    max_batch_size: int | None = None
+    """Rows the rollout engine decodes at once; None: a whole round of the step."""
+    codesign: CodesignConfig = field(default_factory=CodesignConfig)
+
+    def __post_init__(self) -> None:
+        positive = ("prompts_per_step", "minibatches", "epochs", "max_prompt_tokens",
+                    "max_new_tokens")
+        for key in positive:
+            _require(getattr(self, key) >= 1, f"rl.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(self.group_size >= 2, "rl.group_size", f"must be >= 2 (advantages compare a group), got {self.group_size}")
+        _require(self.temperature > 0, "rl.temperature", f"must be > 0 (RL needs sampled rollouts), got {self.temperature}")
+        _require(0 < self.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.advantage in ADVANTAGE_KINDS, "rl.advantage", f"must be one of {ADVANTAGE_KINDS}, got {self.advantage!r}")
+        _require(self.trust_region in TRUST_REGIONS, "rl.trust_region",
+                 f"must be one of {TRUST_REGIONS}, got {self.trust_region!r}")
+        _require(self.loss_aggregation in AGGREGATION_KINDS, "rl.loss_aggregation",
+                 f"must be one of {AGGREGATION_KINDS}, got {self.loss_aggregation!r}")
+        _require(self.max_refills >= 0, "rl.max_refills", f"must be >= 0, got {self.max_refills}")
+        _require(self.delta > 0, "rl.delta", f"must be > 0, got {self.delta}")
+        _require(0 <= self.clip_low < 1, "rl.clip_low", f"must be in [0, 1), got {self.clip_low}")
+        _require(self.clip_high >= 0, "rl.clip_high", f"must be >= 0, got {self.clip_high}")
+        _require(self.tis_cap >= 0, "rl.tis_cap", f"must be >= 0 (0: off), got {self.tis_cap}")
+        _require(self.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {self.kl_coef}")
+        _require(self.max_batch_size is None or self.max_batch_size >= 1, "rl.max_batch_size", "must be >= 1")
+        special = self.data.startswith(("rg:", "hub:")) or self.data == "nano_chain_sum"
+        _require(special or Path(self.data).is_file(), "rl.data",
+                 f"must be nano_chain_sum, rg:<task>, hub:<name> or an existing jsonl file, got {self.data!r}")
