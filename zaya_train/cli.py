@@ -144,6 +144,10 @@ def _task(cfg: DictConfig) -> None:
         from zaya_train.rl.loop import RLSource
 
         source_factory = RLSource
+    elif run_cfg.recipe == "warmstart":
+        from zaya_train.rl.warmstart import WarmStartSource
+
+        source_factory = WarmStartSource
     try:
         summary = train(run_cfg, run_dir, source_factory=source_factory)
     except ConfigError as err:

@@ -52,10 +52,13 @@ def test_aggregation_prompts_show_tails_of_this_steps_own_candidates(tokenizer):
             question = parent.problem.question_ids
             for t in child.trajectories:
                 assert len(t.parents) == C and len(set(t.parents)) == C
-                # By hand: BOS, the question, then each chosen candidate's last tau tokens after a `|`, then `|`.
+                # By hand: BOS, the question, then each chosen candidate's last tau tokens (its EOS dropped) after a
+                # `|`, then `|`.
                 expected = [bos, *question]
                 for j in t.parents:
-                    expected += [bar, *parent.trajectories[j].token_ids[-TAU:]]
+                    ids = parent.trajectories[j].token_ids
+                    ids = ids[:-1] if ids[-1] == tokenizer.eos_token_id else ids
+                    expected += [bar, *ids[-TAU:]]
                 expected.append(bar)
                 assert t.prompt_ids == expected
                 assert len(t.prompt_ids) <= 1 + len(question) + C * (TAU + 1) + 1

@@ -10,7 +10,7 @@ Fault injection for the resume tests:
 ZAYA_TEST_SIGTERM_AT_STEP=k sends this process SIGTERM once step k is logged; ZAYA_TEST_SIGKILL_IN_CHECKPOINT=n
 kills it with SIGKILL in the middle of writing its n-th checkpoint; ZAYA_TEST_NAN_LOSS_STEPS=3,4 makes the loss
 NaN at those training forwards (1-based micro-batch counts: optimizer steps when gradient accumulation is 1).
-recipe=rl runs the RL batch source. ZAYA_TEST_REWARD_DIGIT=d scores an RL completion by the fraction of its
+recipe=rl and recipe=warmstart run their batch sources. ZAYA_TEST_REWARD_DIGIT=d scores an RL completion by the fraction of its
 characters that are the digit d (a reward a random policy can climb, for tests that need non-zero advantages);
 ZAYA_TEST_CHECK_SYNC=1 makes the result hold `sync_logprob_diff`: after the last step, the rollout engine generates
 and its logprobs are compared with a fresh model built from the trainer's final (gathered) weights.
@@ -193,6 +193,10 @@ def main() -> None:
 
         patch_rl(RLSource, report)
         source_factory = RLSource
+    elif recipe == "warmstart":
+        from zaya_train.rl.warmstart import WarmStartSource
+
+        source_factory = WarmStartSource
     try:
         summary = train(cfg, Path(cfg.run_dir), on_finish=lambda engine: report.update(rank_spread(engine)),
                         source_factory=source_factory)

@@ -85,6 +85,35 @@ class CodesignConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """recipe=warmstart: supervised steps on plain and aggregation prompts built from the initial policy's own
+    samples (ZAYA1's self-aggregation cold start), before RL."""
+
+    pool_problems: int = 608
+    """Problems whose rsa.n samples (from the initial policy) form the candidate pool, over all ranks."""
+    batch_size: int = 64
+    """Rows per micro-batch."""
+    aggregation_share: float = 0.5
+    """Fraction of rows that are aggregation prompts (the rest: plain prompts)."""
+    answer_only_share: float = 0.5
+    """Fraction of aggregation prompts whose candidates are cut to their answer (the shape of round-2 prompts,
+    whose population is round-1 outputs)."""
+    answer_marker: str = "A"
+    """Text whose last occurrence starts a candidate's answer."""
+    answer_format: str = "A{answer}"
+    """The aggregation target: the reference answer in this format (answer-only target), then EOS."""
+
+    def __post_init__(self) -> None:
+        _require(self.pool_problems >= 1, "rl.warmstart.pool_problems", f"must be >= 1, got {self.pool_problems}")
+        _require(self.batch_size >= 1, "rl.warmstart.batch_size", f"must be >= 1, got {self.batch_size}")
+        for key in ("aggregation_share", "answer_only_share"):
+            value = getattr(self, key)
+            _require(0.0 <= value <= 1.0, f"rl.warmstart.{key}", f"must be in [0, 1], got {value}")
+        _require("{answer}" in self.answer_format, "rl.warmstart.answer_format",
+                 f"must contain {{answer}}, got {self.answer_format!r}")
+
+
+@dataclass
 class RLConfig:
     """The RL loop (zaya_train.rl.loop): rollouts from `data`, verifier rewards, the ZAYA1 loss spine."""
 
@@ -131,6 +160,7 @@ class RLConfig:
     max_batch_size: int | None = None
     """Rows the rollout engine decodes at once; None: a whole round of the step."""
     codesign: CodesignConfig = field(default_factory=CodesignConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def __post_init__(self) -> None:
         positive = ("prompts_per_step", "minibatches", "epochs", "max_prompt_tokens",

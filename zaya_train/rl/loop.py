@@ -122,6 +122,8 @@ class WeightSync:
             self.rollout.load_weights(state)
         else:
             self.rollout.load_weights(module)
+        # Rebuild the decode step's rearranged weights now, so that the update's cost shows here, not in generation.
+        self.rollout.decode_step.layer_weights()
         self.seconds += time.perf_counter() - start
 
 

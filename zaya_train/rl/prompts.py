@@ -41,6 +41,11 @@ class PromptSource:
             self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(size)}
         return self.rows[int(self._orders[epoch][offset])]
 
+    def solution(self, index: int) -> str | None:
+        """A worked solution of problem `index` when the data has one (the nano task does), else None."""
+        solution = getattr(self.rows, "solution", None)
+        return solution(index) if solution is not None and not self.shuffle_rows else None
+
 
 class _ChainSumRows:
     def __init__(self, seed: int) -> None:
@@ -55,6 +60,9 @@ class _ChainSumRows:
     def __getitem__(self, index: int) -> tuple[str, Any]:
         problem = self.dataset.problem(index)
         return problem.prompt, problem.answer
+
+    def solution(self, index: int) -> str:
+        return self.dataset.problem(index).solution
 
 
 class _ReasoningGymRows:

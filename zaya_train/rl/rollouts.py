@@ -84,7 +84,8 @@ class RolloutCollector:
         if rl.codesign.share > 0 and rsa.c > rl.group_size:
             raise ValueError(f"rsa.c: {rsa.c} tails per aggregation prompt need a population of at least that many, "
                              f"but rl.group_size is {rl.group_size}")
-        self.engine, self.tokenizer, self.source, self.rl, self.rsa = engine, tokenizer, source, rl, rsa
+        self.engine, self.tokenizer, self.source, self.rl = engine, tokenizer, source, rl
+        self.rsa = rsa.stripping([tokenizer.eos_token_id])
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.local_problems = rl.prompts_per_step // world_size
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

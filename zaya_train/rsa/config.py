@@ -9,6 +9,7 @@ Token-id fields are lists (not tuples) so the dataclass can be a Hydra structure
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 VARIANTS = ("markovian", "full", "answer_tails")
@@ -51,6 +52,12 @@ class RSAConfig:
         written back in __post_init__: as a Hydra schema default, a written-back value would outlive a
         command-line beta.)"""
         return self.beta if self.final_beta is None else self.final_beta
+
+    def stripping(self, token_ids: list[int | None]) -> RSAConfig:
+        """This config with `token_ids` (e.g. the tokenizer's EOS; None entries ignored) added to strip_ids: what
+        evaluation and RL build prompts with, so a finished candidate's tail never carries its EOS."""
+        extra = [t for t in token_ids if t is not None and t not in self.strip_ids]
+        return dataclasses.replace(self, strip_ids=[*self.strip_ids, *extra])
 
     def __post_init__(self) -> None:
         for name in ("n", "c", "beta", "tau", "final_beta"):

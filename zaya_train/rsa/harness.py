@@ -84,7 +84,8 @@ def run_eval(cfg, run_dir: Path, overlay_dir: Path | None = None) -> dict[str, A
         return results
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-    result = run_rsa(problems, generate, verifier_scorer(verifier, decode), cfg.rsa, template)
+    rsa = cfg.rsa.stripping([tokenizer.eos_token_id])
+    result = run_rsa(problems, generate, verifier_scorer(verifier, decode), rsa, template)
     rounds_bar.close()
     path = write_results(result, run_dir)
     with MetricsSink(run_dir, cfg.wandb, run_config=cfg) as sink:

@@ -255,9 +255,11 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.checkpoint is not None, "checkpoint", f"recipe={cfg.recipe} needs checkpoint=PATH (a run directory or a checkpoint)")
     if cfg.recipe == "eval_rsa":
         _require_model_source(cfg.checkpoint, "checkpoint")
-    if cfg.recipe == "rl":
+    if cfg.recipe in ("rl", "warmstart"):
         _require(cfg.model.init_from is not None, "model.init_from",
-                 "recipe=rl needs the policy to start from (a run directory, a trainer checkpoint or an HF directory)")
+                 f"recipe={cfg.recipe} needs the policy to start from (a run directory, a trainer checkpoint or an HF "
+                 "directory)")
+    if cfg.recipe == "rl":
         _require(cfg.rl.prompts_per_step % max(1, int(os.environ.get("WORLD_SIZE", "1"))) == 0, "rl.prompts_per_step",
                  f"{cfg.rl.prompts_per_step} is not a multiple of the {os.environ.get('WORLD_SIZE')} ranks")
         _require(cfg.rsa.c <= cfg.rl.group_size or cfg.rl.codesign.share == 0, "rsa.c",
