@@ -164,7 +164,8 @@ def test_eval_rsa_reports_hand_computed_metrics_for_a_scripted_generator(checkpo
                 head = [bos, *intro, *questions[k], *before]
                 assert prompt[: len(head)] == head and prompt[len(prompt) - len(outro):] == outro, (r, j)
                 body = prompt[len(head): len(prompt) - len(outro)]
-                parents_tails = {tuple(o[-TAU:]) for o in outputs[r - 1][k * N: (k + 1) * N]}
+                # the tail is taken after the candidate's EOS is stripped
+                parents_tails = {tuple(o[:-1][-TAU:]) for o in outputs[r - 1][k * N: (k + 1) * N]}
                 for header in headers:
                     assert body[: len(header)] == header, (r, j)
                     assert tuple(body[len(header): len(header) + TAU]) in parents_tails, (r, j)
@@ -183,7 +184,7 @@ def test_eval_rsa_reports_hand_computed_metrics_for_a_scripted_generator(checkpo
     cfg = compose_run_config("eval_rsa", [
         f"checkpoint={checkpoint}", "eval.data=nano_chain_sum", f"eval.num_problems={PROBLEMS}", f"rsa.n={N}",
         f"rsa.c={C}", f"rsa.t={T}", f"rsa.beta={BETA}", f"rsa.final_beta={FINAL_BETA}", f"rsa.tau={TAU}",
-        "wandb.mode=disabled", "eval.progress_bar=false", f"run_dir={run_dir}",
+        "rsa.template=text", "wandb.mode=disabled", "eval.progress_bar=false", f"run_dir={run_dir}",
     ])
     summary = run_eval(cfg, run_dir)
 
