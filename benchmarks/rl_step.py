@@ -15,6 +15,7 @@ no hidden cost to generation). `sync_share` is weight sync's share of the step. 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -68,7 +69,7 @@ def main() -> None:
         rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "event" not in r]
         decoded = statistics.median(
-            b["compute/decode_tokens"] - a["compute/decode_tokens"] for a, b in zip(rows, rows[1:]))
+            b["compute/decode_tokens"] - a["compute/decode_tokens"] for a, b in itertools.pairwise(rows))
         rows = rows[1:]
 
         def per_step(key: str) -> float:

@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from zaya_train.cli import compose_run_config
-from zaya_train.data import NANO_CHARS, char_tokenizer
-from zaya_train.hf import save_pretrained
+from zaya_train.data import NANO_CHARS, char_tokenizer, load_tokenizer
+from zaya_train.hf import load_pretrained, save_pretrained
+from zaya_train.loading import consolidated_state_dict, latest_checkpoint
 from zaya_train.model import ZayaForCausalLM, preset
 from zaya_train.train.config import ConfigError
+from zaya_train.train.export import export_checkpoint
 
 DRIVER = Path(__file__).parents[1] / "train" / "run_driver.py"
 SMALL = [
@@ -87,6 +89,19 @@ def test_rl_steps_log_reconciled_counts_replay_and_synced_weights(tmp_path, poli
     # After four optimizer updates the engine samples from the updated weights, caches invalidated.
     assert summary["sync_logprob_diff"] <= 1e-4
     assert rows[-1]["grad_norm"] > 0
+
+
+def test_an_rl_checkpoint_exports_to_hf_with_its_tokenizer(tmp_path, policy):
+    run(tmp_path, "rl", policy, "trainer.max_steps=1")
+    out = export_checkpoint(tmp_path / "rl", tmp_path / "export")
+    exported = load_pretrained(out)
+    trained = consolidated_state_dict(latest_checkpoint(tmp_path / "rl"))
+    initial = load_pretrained(policy).state_dict()
+    for name, value in exported.state_dict().items():
+        if name in trained:
+            torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
+    assert any(not torch.equal(trained[n], initial[n]) for n in trained if n in initial), "one RL update moved weights"
+    assert load_tokenizer(out).get_vocab() == load_tokenizer(policy).get_vocab()
 
 
 def test_sigterm_then_resume_repeats_the_uninterrupted_run_bitwise(tmp_path, policy):

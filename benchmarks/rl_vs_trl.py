@@ -1,0 +1,125 @@
+"""Plain RL on the nano task: our `recipe=rl` against TRL's `GRPOTrainer` on the same weights, side by side, CPU.
+
+    pip install -e ".[bench]"                                    # TRL, for this benchmark only
+    python benchmarks/rl_vs_trl.py --init-from runs/nano/<base run>
+    python benchmarks/rl_vs_trl.py --problems 8 --steps 3          # a random policy, smaller batches
+
+Both start from one set of weights (a trainer checkpoint or HF directory; by default a random nano model): ours
+loads it as `model.init_from`, TRL gets transformers' own `ZayaForCausalLM` loaded from its HF export. Same
+problems of the nano task (the same problem indices, in the same order), group size, 61 new tokens, temperature 1,
+top-p 1, one AdamW step per batch at the same learning rate, r - mean advantages (TRL: `scale_rewards="none"`),
+token-level loss normalisation (TRL: `loss_type="dapo"`), no KL (`beta=0`), the same exact-answer reward. TRL
+generates through transformers' `generate`; we generate through our rollout engine. RL samples per second counts
+generated sequences over the wall time of the steps after the first (warm-up) one, for each side. Both reward
+curves are printed step by step. The last line is `ratio=<our samples/s / TRL samples/s>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from zaya_train.cli import compose_run_config
+from zaya_train.data import NANO_CHARS, char_tokenizer
+from zaya_train.hf import save_pretrained
+from zaya_train.loading import load_model_and_tokenizer
+from zaya_train.model import ZayaForCausalLM, preset
+from zaya_train.rl.loop import RLSource
+from zaya_train.rl.prompts import nano_verifier, prompt_source
+from zaya_train.train.trainer import train
+
+
+def hf_policy(init_from: str | None, path: Path) -> Path:
+    """An HF directory (weights + tokenizer) holding the starting policy."""
+    if init_from is not None:
+        model, tokenizer = load_model_and_tokenizer(init_from)
+    else:
+        tokenizer = char_tokenizer(NANO_CHARS)
+        model = ZayaForCausalLM(preset("nano", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    save_pretrained(model, path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_ours(policy: Path, args, tmp: Path) -> tuple[list[float], float]:
+    cfg = compose_run_config("rl", [
+        f"model.init_from={policy}", f"run_dir={tmp / 'ours'}", f"trainer.max_steps={args.steps}",
+        "trainer.progress_bar=false", "wandb.mode=disabled", f"rl.prompts_per_step={args.problems}",
+        f"rl.group_size={args.group}", "rl.max_new_tokens=61", f"optim.lr={args.lr}", "schedule.warmup_steps=0",
+        "trainer.save_interval=1000000",
+    ])
+    train(cfg, Path(cfg.run_dir), source_factory=RLSource)
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "event" not in r]
+    seconds = sum(r["time/generate_s"] + r["time/reward_s"] + r["time/train_s"] + r["time/sync_s"] for r in rows[1:])
+    return [r["reward/plain"] for r in rows], (len(rows) - 1) * args.problems * args.group / seconds
+
+
+def run_trl(policy: Path, args, tmp: Path) -> tuple[list[float], float]:
+    import datasets
+    import transformers
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(policy)
+    model = transformers.AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    source = prompt_source("nano_chain_sum", 0)
+    # Our step s uses problems s * P .. s * P + P - 1 (one rank, no refills): the same problems, in order.
+    rows = [{"prompt": tokenizer.bos_token + source[i][0], "answer": source[i][1]}
+            for i in range(args.steps * args.problems)]
+    verifier = nano_verifier()
+
+    def exact_answer(completions, answer, **kwargs):
+        return [verifier.score(c, a) for c, a in zip(completions, answer)]
+
+    step_ends: list[float] = []
+
+    class StepTimes(transformers.TrainerCallback):
+        def on_step_end(self, *unused, **kwargs):
+            step_ends.append(time.perf_counter())
+
+    config = GRPOConfig(
+        output_dir=str(tmp / "trl"), per_device_train_batch_size=args.problems * args.group,
+        num_generations=args.group, max_completion_length=61, temperature=1.0, top_p=1.0, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, adam_beta2=0.98, weight_decay=0.0, max_grad_norm=1.0,
+        max_steps=args.steps, num_iterations=1, steps_per_generation=1, beta=0.0, scale_rewards="none",
+        loss_type="dapo", logging_steps=1, report_to=[], use_cpu=True, bf16=False, shuffle_dataset=False,
+        save_strategy="no", disable_tqdm=True, seed=0,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=exact_answer, args=config,
+                          train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                          callbacks=[StepTimes()])
+    trainer.train()
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    seconds = step_ends[-1] - step_ends[0]
+    return rewards, (len(step_ends) - 1) * args.problems * args.group / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init-from", default=None, help="a run directory, trainer checkpoint or HF directory")
+    parser.add_argument("--problems", type=int, default=16)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.problems} problems x G {args.group}, "
+          f"{args.steps} steps (the first is warm-up)")
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = hf_policy(args.init_from, Path(tmp) / "policy")
+        trl_rewards, trl_rate = run_trl(policy, args, Path(tmp))
+        our_rewards, our_rate = run_ours(policy, args, Path(tmp))
+    print("step  reward (ours)  reward (TRL)")
+    for step, (ours, theirs) in enumerate(zip(our_rewards, trl_rewards), 1):
+        print(f"{step:4d}  {ours:13.3f}  {theirs:12.3f}")
+    print(f"RL samples/s: ours {our_rate:.1f}, TRL {trl_rate:.1f}")
+    print(f"ratio={our_rate / trl_rate:.3f}")
+
+
+if __name__ == "__main__":
+    main()
