@@ -4,12 +4,13 @@
     python benchmarks/rl_step.py --preset small --steps 3
     python benchmarks/rl_step.py --init-from runs/nano/base --codesign   # a trained policy, co-design rollouts
 
-Runs `--steps` + 1 RL steps (the first is warm-up and not counted) of the `rl=nano` settings (8 problems x G 8,
+Runs `--steps` + 1 RL steps (the first is warm-up and not counted) of the `rl=nano` settings (32 problems x G 8,
 61 new tokens) and reads the per-step timings the loop logs. Then, on the final weights, a bare
 `RolloutEngine.generate` over the same problems, group size and budget as a step's plain round gives the
 engine's own tokens/s: `generation_ratio` = loop generation tokens/s / bare engine tokens/s (1.0: the loop adds
 no hidden cost to generation). `sync_share` is weight sync's share of the step. The last line is
-`ratio=<generation_ratio>`.
+`ratio=<generation_ratio>`. With --codesign the loop's generation (plain and aggregation rounds) is compared
+with the bare engine on plain prompts only.
 """
 
 from __future__ import annotations

@@ -85,6 +85,7 @@ def test_rl_steps_log_reconciled_counts_replay_and_synced_weights(tmp_path, poli
                     "time/reward_s", "time/sync_s", "rl/masked_frac", "solve_rate", "compute/total_tokens"):
             assert key in row, key
         assert row["reward/plain"] > 0
+        assert row["rl/optimizer_steps"] == 1
     assert rows[-1]["samples_total/generated"] == sum(r["samples/generated"] for r in rows)
     # After four optimizer updates the engine samples from the updated weights, caches invalidated.
     assert summary["sync_logprob_diff"] <= 1e-4
@@ -116,12 +117,33 @@ def test_sigterm_then_resume_repeats_the_uninterrupted_run_bitwise(tmp_path, pol
     assert got == want  # exact: fp32 on the CPU is deterministic, and problems and seeds follow the step
 
 
+def test_a_step_without_a_kept_group_takes_no_optimizer_step(tmp_path, policy):
+    # The nano task's real reward: a random policy solves nothing, dynamic sampling drops every group, even after a
+    # refill. A zero-gradient AdamW step would still move the weights; no step is taken.
+    run(tmp_path, "nothing", policy, "rl.dynamic_sampling=true", "rl.max_refills=1",
+        "deepspeed.gradient_accumulation_steps=3", "trainer.max_steps=2", ZAYA_TEST_REWARD_DIGIT="")
+    rows = step_rows(tmp_path / "nothing")
+    assert [r["samples/trained"] for r in rows] == [0, 0]
+    assert [r["rl/optimizer_steps"] for r in rows] == [0, 0]
+    assert [r["samples/generated/plain"] for r in rows] == [2 * 4 * 4, 2 * 4 * 4]  # the refill doubles the plain round
+    trained = consolidated_state_dict(latest_checkpoint(tmp_path / "nothing"))
+    initial = load_pretrained(policy).state_dict()
+    assert all(torch.equal(trained[n], initial[n]) for n in trained if n in initial)
+
+
 def test_two_ranks_zero1_agree(tmp_path, policy):
-    summary = run(tmp_path, "zero1", policy, "deepspeed.zero_stage=1", "trainer.max_steps=2", nproc=2)
+    # Each rank holds 2 problems x G 2 plain rows and 1 x 2 rows of each round: 8 rows for 3 minibatches of 3
+    # micro-batches, so one micro-batch holds no row and runs a zero-weight one; dynamic sampling, refills and the
+    # length bonus on.
+    summary = run(tmp_path, "zero1", policy, "deepspeed.zero_stage=1", "trainer.max_steps=2", "rl.group_size=2",
+                  "deepspeed.gradient_accumulation_steps=3", "rl.minibatches=3", "rl.dynamic_sampling=true",
+                  "rl.max_refills=1", "rl.length_bonus=true", nproc=2)
     assert summary["step"] == 2
     assert summary["max_params_diff"] == 0.0
     rows = step_rows(tmp_path / "zero1")
-    assert rows[-1]["samples/generated/plain"] == 16, "prompts_per_step counts problems over all ranks"
+    # prompts_per_step counts problems over all ranks: 4 x G 2, and at most one refill of as many
+    assert all(8 <= r["samples/generated/plain"] <= 16 for r in rows)
+    assert all(r["rl/optimizer_steps"] == 3 for r in rows if r["samples/trained"])
     assert all(r["rl/logprob_diff_max"] <= 1e-4 for r in rows)
 
 

@@ -29,11 +29,12 @@ def policy(tokenizer, seed: int) -> ZayaForCausalLM:
     return ZayaForCausalLM(config).eval()
 
 
-def collector(model, tokenizer, **codesign) -> RolloutCollector:
-    rl = RLConfig(prompts_per_step=P, group_size=G, max_new_tokens=20, dynamic_sampling=True,
+def collector(model, tokenizer, max_refills=0, rank=0, world_size=1, **codesign) -> RolloutCollector:
+    rl = RLConfig(prompts_per_step=P, group_size=G, max_new_tokens=20, dynamic_sampling=True, max_refills=max_refills,
                   codesign=CodesignConfig(**{"share": 0.5, "rounds": 2, "max_new_tokens": 8, **codesign}))
     rsa = RSAConfig(n=G, c=C, tau=TAU, beta=20, template="compact")
-    return RolloutCollector(RolloutEngine(model), tokenizer, prompt_source("nano_chain_sum", 0), rl, rsa, seed=3)
+    return RolloutCollector(RolloutEngine(model), tokenizer, prompt_source("nano_chain_sum", 0), rl, rsa, seed=3,
+                            rank=rank, world_size=world_size)
 
 
 def by_kind(rollouts, kind):
@@ -93,6 +94,26 @@ def test_dropped_groups_still_feed_the_next_round(tokenizer):
     rollouts = collector(policy(tokenizer, 0), tokenizer).collect(step=1)
     assert not any(g.kept for g in rollouts.groups), "all-zero rewards: every group is dropped from training"
     assert len(by_kind(rollouts, "round2")) == 2, "yet rounds 1 and 2 are still built from them"
+
+
+def test_refills_draw_fresh_problems_from_the_ranks_own_range(tokenizer):
+    # A random policy solves nothing: every plain group is dropped, so each refill asks for all P problems again.
+    # Rank 1 of 2 owns P / 2 problems per attempt, indices step * P * 3 + 1 * (P / 2) * 3 + attempt * P / 2 + j.
+    rollouts = collector(policy(tokenizer, 0), tokenizer, max_refills=2, rank=1, world_size=2, share=0.0).collect(4)
+    ids = [g.problem.problem_id for g in rollouts.groups]
+    local = P // 2
+    assert ids == [4 * P * 3 + local * 3 + a * local + j for a in range(3) for j in range(local)]
+    assert rollouts.generated["plain"] == 3 * local * G
+
+
+def test_codesign_problems_are_dealt_over_ranks_whatever_the_world_size(tokenizer):
+    # share 0.5 over 2 rounds of P = 4 problems: 2 problems per round in the whole step, one on each of 2 ranks.
+    counts = [collector(policy(tokenizer, 0), tokenizer, rank=r, world_size=2).round_counts for r in (0, 1)]
+    assert counts == [[1, 1], [1, 1]]
+    assert collector(policy(tokenizer, 0), tokenizer, share=0.2, rounds=1).round_counts == [1]
+    split = [collector(policy(tokenizer, 0), tokenizer, rank=r, world_size=4, share=0.2, rounds=1).round_counts
+             for r in range(4)]
+    assert split == [[1], [0], [0], [0]]
 
 
 def test_expert_candidates_seed_round_one(tokenizer, tmp_path):

@@ -73,7 +73,9 @@ class CodesignConfig:
     def problems_per_round(self, plain_problems: int) -> list[int]:
         """Problems that get round t = 1..rounds in a step with `plain_problems` plain ones: the share of
         sequences that are round t's outputs is share * weight_t, all groups of G, so round t takes
-        round(P * share * w_t / (1 - share)) problems, capped by P and by the round before (at share 1, P)."""
+        round(P * share * w_t / (1 - share)) problems, capped by P and by the round before. At share 1 every
+        problem gets every round; the plain samples are still generated (they are round 1's population) and
+        trained, so the aggregation share is then rounds / (rounds + 1)."""
         if self.share == 0 or self.rounds == 0:
             return []
         counts, previous = [], plain_problems

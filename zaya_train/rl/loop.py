@@ -2,7 +2,7 @@
 
     zaya-train recipe=rl model.init_from=runs/nano/base                        # plain RL on the nano task
     zaya-train recipe=rl model.init_from=runs/nano/base rl.codesign.share=0.5 rl.codesign.rounds=2
-    zaya-train recipe=rl rl=zaya1 model.init_from=exports/zaya1-sft rl.data=hub:... deepspeed=zero3
+    zaya-train recipe=rl rl=zaya1 model=zaya1_8b model.init_from=exports/zaya1-sft rl.data=hub:... deepspeed=zero3
 
 One trainer step = one RL batch: rollouts from the current weights (zaya_train.rl.rollouts: plain samples and
 online Markovian RSA aggregation rounds) -> verifier rewards -> group advantages -> `rl.epochs` passes of
@@ -51,6 +51,7 @@ from zaya_train.rl.rollouts import (
     step_seed,
 )
 from zaya_train.rollout import RolloutEngine
+from zaya_train.rsa import Trajectory
 from zaya_train.train.config import ConfigError, RunConfig
 from zaya_train.train.engine import DistInfo
 from zaya_train.train.trainer import MicroBatch, StepResult, StepRunner
@@ -85,6 +86,7 @@ class RowBatch:
         self.expert_ids = torch.zeros((batch, width, num_layers), dtype=torch.long)
         self.engine_logp = torch.zeros((batch, width))
         self.mask = torch.zeros((batch, width), dtype=torch.bool)
+        self.real = torch.zeros((batch, width), dtype=torch.bool)
         for b, (t, _) in enumerate(rows):
             prompt, response = len(t.prompt_ids), len(t.token_ids)
             self.input_ids[b, : prompt + response] = torch.tensor(t.prompt_ids + t.token_ids)
@@ -92,21 +94,27 @@ class RowBatch:
             self.expert_ids[b, : prompt + response] = t.expert_ids
             self.engine_logp[b, prompt - 1 : prompt + response - 1] = torch.tensor(t.logprobs)
             self.mask[b, prompt - 1 : prompt + response - 1] = True
+            self.real[b, : prompt + response] = True
         self.advantages = torch.tensor([a for _, a in rows], dtype=torch.float32)
-        for name in ("input_ids", "labels", "expert_ids", "engine_logp", "mask", "advantages"):
+        for name in ("input_ids", "labels", "expert_ids", "engine_logp", "mask", "real", "advantages"):
             setattr(self, name, getattr(self, name).to(device))
-        self.tokens = sum(len(t.prompt_ids) + len(t.token_ids) for t, _ in rows)
 
 
 class WeightSync:
-    """Makes the rollout engine generate with the trainer's current weights."""
+    """Makes the rollout engine generate with the trainer's current weights. Under ZeRO 0-2 the engine decodes the
+    training module itself; under ZeRO-3 it holds a copy in the training dtype (balancing biases fp32, as in the
+    trainer), refreshed from the gathered partitions."""
 
     def __init__(self, engine, device: torch.device) -> None:
         self.engine = engine
         module = engine.module
         self.partitioned = any(hasattr(p, "ds_id") for p in module.parameters())
         if self.partitioned:
-            self.rollout = RolloutEngine(ZayaForCausalLM(module.config).to(device).eval())
+            dtype = next(module.parameters()).dtype
+            copy = ZayaForCausalLM(module.config).to(device=device, dtype=dtype).eval()
+            for router in copy.routers():
+                router.balancing_biases = router.balancing_biases.float()
+            self.rollout = RolloutEngine(copy)
         else:
             self.rollout = RolloutEngine(module)
         self.seconds = 0.0
@@ -117,9 +125,9 @@ class WeightSync:
         if self.partitioned:
             import deepspeed
 
+            # One gather of the whole model at a time: the copy is loaded in place from the gathered tensors.
             with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-            self.rollout.load_weights(state)
+                self.rollout.load_weights(module)
         else:
             self.rollout.load_weights(module)
         # Rebuild the decode step's rearranged weights now, so that the update's cost shows here, not in generation.
@@ -140,8 +148,8 @@ class RLSource:
             self.tokenizer.save_pretrained(run_dir / "tokenizer")
         self.stats: dict[str, int] = {}
         self.prompts = prompt_source(self.rl.data, cfg.seed)
-        self.kinds = ["plain"] + [kind_name(t) for t in range(1, len(self.rl.codesign.problems_per_round(
-            self.rl.prompts_per_step // info.world_size)) + 1)]
+        rounds = len(self.rl.codesign.problems_per_round(self.rl.prompts_per_step))
+        self.kinds = ["plain"] + [kind_name(t) for t in range(1, rounds + 1)]
         self.state: dict[str, Any] = {
             "p_star": {kind: 0.0 for kind in self.kinds},
             "compute": {"prefill": 0, "decode": 0, "trained": 0},
@@ -181,7 +189,6 @@ class RLSource:
             bonus = None
             if rl.length_bonus:
                 kind = group.kind
-                self.state["p_star"][kind] = max(self.state["p_star"][kind], float(rewards_1G.mean()))
                 lengths = torch.tensor([[len(t.token_ids) for t in group.trajectories]], dtype=torch.float64)
                 bonus = algorithms.length_bonus(
                     rewards_1G, lengths, l_max=float(self._max_new_tokens(group)), p_star=self.state["p_star"][kind],
@@ -206,7 +213,7 @@ class RLSource:
         rl = self.rl
         out = self.engine(
             batch.input_ids, labels=batch.labels, expert_ids=batch.expert_ids if rl.router_replay else None,
-            return_logits=False, return_logprobs=True, logprob_temperature=rl.temperature,
+            return_logits=False, return_logprobs=True, logprob_temperature=rl.temperature, return_expert_ids=True,
         )
         logp = out.logprobs.float()
         importance = {"logp_rollout_BT": batch.engine_logp, "tis_cap": rl.tis_cap} if rl.tis_cap > 0 else {}
@@ -226,7 +233,8 @@ class RLSource:
             fractions[i] += float(value) * tokens
         # DeepSpeed averages gradients over ranks; the loss is already normalised by the global count.
         world = self.info.world_size
-        return MicroBatch(loss * world, loss.detach() * world * self.gas, out.tokens_per_expert, batch.tokens)
+        loads = real_token_loads(out.expert_ids, batch.real, self.engine.module.config.num_router_classes)
+        return MicroBatch(loss * world, loss.detach() * world * self.gas, loads, int(batch.real.sum()))
 
     def run_step(self, step: int, runner: StepRunner) -> StepResult:
         rl, device = self.rl, self.info.device
@@ -236,59 +244,49 @@ class RLSource:
         rollouts = self.collector.collect(step)
         generate_s = time.perf_counter() - start - rollouts.reward_s
 
-        rows = self._advantages(rollouts.trained, step)
-        num_layers = self.engine.module.config.num_hidden_layers
-        pad_id = self.tokenizer.pad_token_id or 0
-        train_start = time.perf_counter()
-        # The same number of micro-batches on every rank (DeepSpeed's collectives count them): a rank with fewer
-        # rows than another runs zero-weight rows.
-        order = list(range(len(rows)))
-        (most_rows,) = _all_reduce([len(rows)], device, dist.ReduceOp.MAX if _distributed() else None)
-        padding_rows = int(most_rows) - len(rows) if rows else max(int(most_rows), 1)
-        dummy = (rows[0][0] if rows else self._dummy_trajectory(rollouts), 0.0)
-        all_rows = rows + [dummy] * padding_rows
-        masks = [True] * len(rows) + [False] * padding_rows
-
-        with torch.no_grad():
-            logp_old, logp_ref, diffs = [], [], [0.0, 0.0]
-            for chunk in _chunks(list(range(len(all_rows))), max(1, self.gas)):
-                batch = RowBatch([all_rows[i] for i in chunk], pad_id, num_layers, device)
-                batch.mask &= torch.tensor([masks[i] for i in chunk], device=device)[:, None]
-                with_replay = self._logprobs(batch, rl.router_replay)
-                without = self._logprobs(batch, not rl.router_replay)
-                replayed, plain = (with_replay, without) if rl.router_replay else (without, with_replay)
-                for j, values in enumerate((replayed, plain)):
-                    gap = (values - batch.engine_logp).abs().masked_fill(~batch.mask, 0.0)
-                    diffs[j] = max(diffs[j], float(gap.max()) if gap.numel() else 0.0)
-                logp_old += list(with_replay)
-                if self.reference is not None:
-                    logp_ref += list(self._logprobs(batch, rl.router_replay, self.reference))
-
-        fractions = [0.0, 0.0, 0.0, 0.0]
-        losses, skipped, tokens = [], False, 0
-        for epoch in range(rl.epochs):
-            generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.info.rank, "epoch", epoch))
-            order = torch.randperm(len(all_rows), generator=generator).tolist()
-            for minibatch in _chunks(order, rl.minibatches):
-                counts = [sum(masks[i] for i in minibatch),
-                          sum(len(all_rows[i][0].token_ids) * masks[i] for i in minibatch)]
-                rows_all, tokens_all = _all_reduce([float(c) for c in counts], device)
-                denominator = max(tokens_all if rl.loss_aggregation == "token_mean" else rows_all, 1.0)
-                micro = []
-                for chunk in _chunks(minibatch, self.gas):
-                    micro.append(functools.partial(self._run_chunk, all_rows, masks, chunk, logp_old, logp_ref,
-                                                   denominator, fractions, pad_id, num_layers))
-                update = runner.update(micro, scale_wrt_gas=False, update_biases=rl.update_expert_biases)
-                losses.append(update.loss)
-                skipped |= update.skipped
-                tokens += update.tokens
-                self.sync()
-        train_s = time.perf_counter() - train_start - (self.sync.seconds - sync_before)
-
         totals = rollout_totals(rollouts, self.kinds)
         names = sorted(totals)
         reduced = dict(zip(names, _all_reduce([float(totals[k]) for k in names], device)))
         metrics = rollout_metrics(reduced, self.kinds)
+        # The length bonus' p* is the running maximum of each prompt type's solve rate over whole steps (all ranks).
+        for kind in self.kinds:
+            if reduced[f"count/{kind}"]:
+                self.state["p_star"][kind] = max(self.state["p_star"][kind], metrics[f"reward/{kind}"])
+
+        rows = self._advantages(rollouts.trained, step)
+        train_start = time.perf_counter()
+        (most_rows,) = _all_reduce([len(rows)], device, dist.ReduceOp.MAX if _distributed() else None)
+        diffs, fractions, losses, skipped, tokens = [0.0, 0.0], [0.0] * 4, [], False, 0
+        if most_rows > 0:  # no group kept anywhere: no optimizer step (a zero-gradient step still moves AdamW)
+            # The same number of micro-batches on every rank (DeepSpeed's collectives count them): a rank with fewer
+            # rows than another runs zero-weight rows.
+            padding = int(most_rows) - len(rows)
+            all_rows = rows + ([(self._dummy_trajectory(), 0.0)] * padding if padding else [])
+            weights = [True] * len(rows) + [False] * padding
+            micro_rows = max(1, -(-len(all_rows) // (rl.minibatches * self.gas)))
+            logp_old, logp_ref = self._recompute(all_rows, weights, micro_rows, diffs)
+            for epoch in range(rl.epochs):
+                generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.info.rank, "epoch", epoch))
+                order = torch.randperm(len(all_rows), generator=generator).tolist()
+                for minibatch in _chunks(order, rl.minibatches):
+                    counts = [sum(weights[i] for i in minibatch),
+                              sum(len(all_rows[i][0].token_ids) * weights[i] for i in minibatch)]
+                    rows_all, tokens_all = _all_reduce([float(c) for c in counts], device)
+                    if rows_all == 0:  # every rank drew only padding here
+                        continue
+                    denominator = tokens_all if rl.loss_aggregation == "token_mean" else rows_all
+                    micro = [functools.partial(self._run_chunk, [all_rows[i] for i in chunk],
+                                               [weights[i] for i in chunk], [logp_old[i] for i in chunk],
+                                               [logp_ref[i] for i in chunk] if logp_ref else None, denominator,
+                                               fractions)
+                             for chunk in _chunks(minibatch, self.gas)]
+                    update = runner.update(micro, scale_wrt_gas=False, update_biases=rl.update_expert_biases)
+                    losses.append(update.loss)
+                    skipped |= update.skipped
+                    self.sync()
+            tokens = sum(len(t.prompt_ids) + len(t.token_ids) for t, _ in rows) * rl.epochs
+        train_s = time.perf_counter() - train_start - (self.sync.seconds - sync_before)
+
         compute = self.state["compute"]
         step_compute = _all_reduce([rollouts.prefill_tokens, rollouts.decode_tokens, tokens], device)
         for key, value in zip(("prefill", "decode", "trained"), step_compute):
@@ -316,27 +314,67 @@ class RLSource:
         loss = sum(finite) / len(finite) if finite else float("nan")
         return StepResult(loss, tokens, skipped, metrics)
 
-    def _run_chunk(self, all_rows, masks, chunk, logp_old, logp_ref, denominator, fractions, pad_id,
-                   num_layers) -> MicroBatch:
-        device = self.info.device
-        if not chunk:  # fewer rows than micro-batches: a zero-weight row keeps DeepSpeed's count
-            chunk, weight = [0], False
-        else:
-            weight = True
-        batch = RowBatch([all_rows[i] for i in chunk], pad_id, num_layers, device)
-        keep = torch.tensor([masks[i] and weight for i in chunk], device=device)
-        batch.mask &= keep[:, None]
+    @torch.no_grad()
+    def _recompute(self, all_rows, weights, micro_rows: int, diffs: list[float]):
+        """logp_old (the trainer's own logprobs of the batch before its first update, with router replay when on),
+        the reference policy's logprobs when a KL term is on, and the largest |trainer - engine| logprob gaps with
+        and without replay (into `diffs`). Chunks of training micro-batch size."""
+        rl = self.rl
+        logp_old, logp_ref = [], []
+        for first in range(0, len(all_rows), micro_rows):
+            chunk = range(first, min(first + micro_rows, len(all_rows)))
+            batch = self._batch([all_rows[i] for i in chunk], [weights[i] for i in chunk])
+            with_replay = self._logprobs(batch, rl.router_replay)
+            without = self._logprobs(batch, not rl.router_replay)
+            replayed, plain = (with_replay, without) if rl.router_replay else (without, with_replay)
+            for j, values in enumerate((replayed, plain)):
+                gap = (values - batch.engine_logp).abs().masked_fill(~batch.mask, 0.0)
+                diffs[j] = max(diffs[j], float(gap.max()))
+            logp_old += list(with_replay)
+            if self.reference is not None:
+                logp_ref += list(self._logprobs(batch, rl.router_replay, self.reference))
+        return logp_old, logp_ref
+
+    def _batch(self, rows, weights: list[bool]) -> RowBatch:
+        batch = RowBatch(rows, self.tokenizer.pad_token_id or 0, self.engine.module.config.num_hidden_layers,
+                         self.info.device)
+        weights_B1 = torch.tensor(weights, device=self.info.device)[:, None]
+        batch.mask &= weights_B1
+        batch.real &= weights_B1
+        return batch
+
+    def _run_chunk(self, rows, weights, logp_old, logp_ref, denominator: float, fractions: list[float]) -> MicroBatch:
+        if not rows:  # fewer rows than micro-batches: a zero-weight row keeps DeepSpeed's count
+            rows, weights, logp_old = [(self._dummy_trajectory(), 0.0)], [False], [None]
+            logp_ref = [None] if logp_ref is not None else None
+        batch = self._batch(rows, weights)
         width = batch.input_ids.shape[1]
-        old = torch.stack([_fit(logp_old[i], width) for i in chunk]).to(device)
-        ref = torch.stack([_fit(logp_ref[i], width) for i in chunk]).to(device) if logp_ref else None
+        old = torch.stack([_fit(v, width) for v in logp_old]).to(self.info.device)
+        ref = torch.stack([_fit(v, width) for v in logp_ref]).to(self.info.device) if logp_ref else None
         return self._micro_batch(batch, old, ref, denominator, fractions)
 
-    def _dummy_trajectory(self, rollouts):
-        return rollouts.groups[0].trajectories[0]
+    def _dummy_trajectory(self) -> Trajectory:
+        """A two-token row that only pads a rank's micro-batch count; its weight is zero."""
+        tokenizer, layers = self.tokenizer, self.engine.module.config.num_hidden_layers
+        first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+        last = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        return Trajectory("padding", 0, [first], [last], [0.0], torch.zeros(2, layers, dtype=torch.long), "length",
+                          parents=())
 
 
-def _fit(values: torch.Tensor, width: int) -> torch.Tensor:
-    """A row of logprobs computed in a wider (or narrower) padded batch, cut or padded to `width`."""
+def real_token_loads(expert_ids_BSL: torch.Tensor, real_BS: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Tokens per router class and layer [L, classes] over the real tokens of a padded batch (padding and
+    zero-weight rows would otherwise count as load on whatever class they were given)."""
+    ids_NL = expert_ids_BSL[real_BS]
+    layers = ids_NL.shape[-1]
+    offsets_L = torch.arange(layers, device=ids_NL.device) * num_classes
+    return torch.bincount((ids_NL + offsets_L).flatten(), minlength=layers * num_classes).view(layers, num_classes)
+
+
+def _fit(values: torch.Tensor | None, width: int) -> torch.Tensor:
+    """A row of logprobs computed in a wider (or narrower) padded batch, cut or padded to `width` (None: zeros)."""
+    if values is None:
+        return torch.zeros(width)
     if values.shape[0] >= width:
         return values[:width]
     return torch.cat([values, values.new_zeros(width - values.shape[0])])
@@ -351,7 +389,3 @@ def _chunks(items: list[int], parts: int) -> list[list[int]]:
         out.append(items[start:end])
         start = end
     return out
-
-
-def rl_source(cfg: RunConfig, run_dir: Path, info: DistInfo) -> RLSource:
-    return RLSource(cfg, run_dir, info)

@@ -5,7 +5,8 @@
     for group in rollouts.groups: group.kind, group.rewards, group.kept, group.trajectories
 
 Per step and rank: P problems (rl.prompts_per_step / world size), G plain samples each. Those G samples are the
-problem's round-0 population. For the first k_1 problems (`CodesignConfig.problems_per_round`) round 1 builds G
+problem's round-0 population. For the first k_1 problems (`CodesignConfig.problems_per_round` of the whole step,
+dealt out over the ranks) round 1 builds G
 aggregation prompts from that population with `zaya_train.rsa.population_prompts`, the function evaluation uses
 (same template, tail cut and subset choice), each prompt from its own random C-subset, and samples one output
 per prompt; those G outputs are the round-1 population, from which round 2 is built for the first k_2 of them, and
@@ -90,7 +91,10 @@ class RolloutCollector:
         self.local_problems = rl.prompts_per_step // world_size
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.template = build_template(rsa.template, self.encode, max_candidates=rsa.c)
-        self.round_counts = rl.codesign.problems_per_round(self.local_problems)
+        # Global counts, dealt out over the ranks (the first ranks take the remainders), so the mix does not depend
+        # on the world size.
+        self.round_counts = [count // world_size + (rank < count % world_size)
+                             for count in rl.codesign.problems_per_round(rl.prompts_per_step)]
         self.expert_rows = None
         if rl.codesign.expert_file is not None and rl.codesign.source != "self":
             rows = read_jsonl(rl.codesign.expert_file)
@@ -186,8 +190,8 @@ class RolloutCollector:
                                    step_seed(self.seed, step, self.rank, "plain", 0), out)
         out.groups += plain
         for attempt in range(1, self.rl.max_refills + 1):
-            missing = sum(not g.kept for g in out.groups)
-            if missing == 0:
+            missing = self.local_problems - sum(g.kept for g in out.groups)
+            if missing <= 0:
                 break
             refill = self._fresh_problems(step, attempt, missing, out)
             out.groups += self._plain_groups(refill, step_seed(self.seed, step, self.rank, "plain", attempt), out)

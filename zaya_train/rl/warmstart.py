@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from zaya_train.data import load_tokenizer
 from zaya_train.loading import load_model, tokenizer_dir
+from zaya_train.rl.loop import real_token_loads
 from zaya_train.rl.prompts import prompt_source
 from zaya_train.rl.rollouts import step_seed
 from zaya_train.rollout import RolloutEngine
@@ -94,6 +96,15 @@ class WarmStartSource:
             correct += sum(s == 1.0 for s in scores)
             self.pool.append((problem, candidates, [c for c, s in zip(candidates, scores) if s == 1.0]))
         self.stats = {"warmstart/pool_candidates": len(problems) * n, "warmstart/pool_correct": correct}
+        if self.prompts.solution(0) is None:
+            # Plain rows then need correct pool candidates, on every rank: decide together, fail together.
+            solved = torch.tensor([float(any(entry[2] for entry in self.pool))], device=info.device)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(solved, op=dist.ReduceOp.MIN)
+            if solved.item() == 0:
+                raise ConfigError("rl.data: a rank's pool holds no correct candidate, so there is no plain target; "
+                                  "warm-start from a policy that solves some problems, or raise "
+                                  "rl.warmstart.pool_problems")
 
     def _answer_only(self, ids: list[int]) -> list[int]:
         eos = self.tokenizer.eos_token_id
@@ -121,9 +132,6 @@ class WarmStartSource:
                 prompt, target = self.bos + self.encode(question), self.encode(solution)
             else:
                 solved = [entry for entry in self.pool if entry[2]]
-                if not solved:
-                    raise ConfigError("rl.data: no pool candidate is correct, so there is no plain target; "
-                                      "warm-start from a policy that solves some problems")
                 problem, _, correct = solved[int(torch.randint(len(solved), (1,), generator=rng))]
                 prompt = problem.prompt_ids
                 target = [t for t in correct[int(torch.randint(len(correct), (1,), generator=rng))]
@@ -142,7 +150,8 @@ class WarmStartSource:
 
     def run_step(self, step: int, runner: StepRunner) -> StepResult:
         rows = self._rows(step)
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(step)).tolist()
+        seed = step_seed(self.cfg.seed, step, self.info.rank, "order")
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
         rows = [rows[i] for i in order]
         size = self.ws.batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
@@ -157,10 +166,13 @@ class WarmStartSource:
         for b, (prompt, target) in enumerate(rows):
             ids[b, : len(prompt) + len(target)] = torch.tensor(prompt + target)
             labels[b, len(prompt): len(prompt) + len(target)] = torch.tensor(target)
+        real = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, (prompt, target) in enumerate(rows):
+            real[b, : len(prompt) + len(target)] = True
         device = self.info.device
-        out = self.engine(ids.to(device), labels=labels.to(device), return_logits=False)
-        return MicroBatch(out.loss, out.loss.detach().float(), out.tokens_per_expert,
-                          sum(len(p) + len(t) for p, t in rows))
+        out = self.engine(ids.to(device), labels=labels.to(device), return_logits=False, return_expert_ids=True)
+        loads = real_token_loads(out.expert_ids, real.to(device), self.engine.module.config.num_router_classes)
+        return MicroBatch(out.loss, out.loss.detach().float(), loads, int(real.sum()))
 
     def state_dict(self) -> dict[str, Any]:
         return {}

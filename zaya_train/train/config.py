@@ -262,6 +262,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.recipe == "rl":
         _require(cfg.rl.prompts_per_step % max(1, int(os.environ.get("WORLD_SIZE", "1"))) == 0, "rl.prompts_per_step",
                  f"{cfg.rl.prompts_per_step} is not a multiple of the {os.environ.get('WORLD_SIZE')} ranks")
+        counts = cfg.rl.codesign.problems_per_round(cfg.rl.prompts_per_step)
+        _require(all(counts), "rl.codesign.share",
+                 f"{cfg.rl.codesign.share} of {cfg.rl.prompts_per_step} problems per step leaves a round without a "
+                 f"problem (problems per round: {counts}); raise rl.prompts_per_step or the share")
         _require(cfg.rsa.c <= cfg.rl.group_size or cfg.rl.codesign.share == 0, "rsa.c",
                  f"{cfg.rsa.c} tails per aggregation prompt need a population of at least that many "
                  f"(rl.group_size={cfg.rl.group_size})")
