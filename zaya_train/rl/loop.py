@@ -10,8 +10,9 @@ online Markovian RSA aggregation rounds) -> verifier rewards -> group advantages
 checkpoints, metrics, SIGTERM) -> weight sync into the rollout engine after every optimizer step.
 
 - The loss spine (zaya_train.rl.algorithms): advantages `rl.advantage`, dynamic sampling, DPPO binary-TV or PPO
-  clipping against `logp_old` (the trainer's own recompute of the batch, under router replay, before the first
-  update), truncated importance sampling against the engine's logprobs, `rl.loss_aggregation`, the length
+  clipping against `logp_old` (the trainer's own logprobs of the batch before its first update, under router
+  replay: a no-grad recompute when a batch gets several optimizer steps, the training forward itself when it gets
+  one), truncated importance sampling against the engine's logprobs, `rl.loss_aggregation`, the length
   bonus, the LZ77 canary and an optional k3 KL to the frozen initial policy.
 - Router replay (`rl.router_replay`): every trainer forward over a rollout routes each token, in every layer, to
   the expert the engine chose while sampling it. `rl/logprob_diff_max` is the largest |trainer - engine| logprob
@@ -208,14 +209,19 @@ class RLSource:
         )
         return out.logprobs.float()
 
-    def _micro_batch(self, batch: RowBatch, logp_old: torch.Tensor, logp_ref: torch.Tensor | None,
-                     denominator: float, fractions: list[float]) -> MicroBatch:
+    def _micro_batch(self, batch: RowBatch, logp_old: torch.Tensor | None, logp_ref: torch.Tensor | None,
+                     denominator: float, fractions: list[float], diffs: list[float]) -> MicroBatch:
+        """The policy loss of one micro-batch. `logp_old` None: this forward is the first over these rows since the
+        rollout (one optimizer step per batch), so its own detached logprobs are logp_old."""
         rl = self.rl
         out = self.engine(
             batch.input_ids, labels=batch.labels, expert_ids=batch.expert_ids if rl.router_replay else None,
             return_logits=False, return_logprobs=True, logprob_temperature=rl.temperature, return_expert_ids=True,
         )
         logp = out.logprobs.float()
+        if logp_old is None:
+            logp_old = logp.detach()
+            _record_gap(diffs, 0 if rl.router_replay else 1, logp_old, batch)
         importance = {"logp_rollout_BT": batch.engine_logp, "tis_cap": rl.tis_cap} if rl.tis_cap > 0 else {}
         policy = algorithms.policy_loss(
             logp, logp_old, batch.advantages, batch.mask, trust_region=rl.trust_region, delta=rl.delta,
@@ -264,7 +270,10 @@ class RLSource:
             all_rows = rows + ([(self._dummy_trajectory(), 0.0)] * padding if padding else [])
             weights = [True] * len(rows) + [False] * padding
             micro_rows = max(1, -(-len(all_rows) // (rl.minibatches * self.gas)))
-            logp_old, logp_ref = self._recompute(all_rows, weights, micro_rows, diffs)
+            # With one optimizer step per batch every row is trained before any update: its training forward is
+            # the trainer's own pre-update computation, and no separate logp_old forward is needed.
+            need_old = rl.epochs * rl.minibatches > 1
+            logp_old, logp_ref = self._recompute(all_rows, weights, micro_rows, diffs, need_old)
             for epoch in range(rl.epochs):
                 generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.info.rank, "epoch", epoch))
                 order = torch.randperm(len(all_rows), generator=generator).tolist()
@@ -278,7 +287,7 @@ class RLSource:
                     micro = [functools.partial(self._run_chunk, [all_rows[i] for i in chunk],
                                                [weights[i] for i in chunk], [logp_old[i] for i in chunk],
                                                [logp_ref[i] for i in chunk] if logp_ref else None, denominator,
-                                               fractions)
+                                               fractions, diffs)
                              for chunk in _chunks(minibatch, self.gas)]
                     update = runner.update(micro, scale_wrt_gas=False, update_biases=rl.update_expert_biases)
                     losses.append(update.loss)
@@ -315,25 +324,27 @@ class RLSource:
         return StepResult(loss, tokens, skipped, metrics)
 
     @torch.no_grad()
-    def _recompute(self, all_rows, weights, micro_rows: int, diffs: list[float]):
-        """logp_old (the trainer's own logprobs of the batch before its first update, with router replay when on),
-        the reference policy's logprobs when a KL term is on, and the largest |trainer - engine| logprob gaps with
-        and without replay (into `diffs`). Chunks of training micro-batch size."""
+    def _recompute(self, all_rows, weights, micro_rows: int, diffs: list[float], need_old: bool):
+        """No-grad forwards before the first update, in chunks of training micro-batch size: `logp_old` (the
+        trainer's own logprobs of the batch, with router replay when on) when `need_old`; the reference policy's
+        logprobs when a KL term is on; and the forward with the other routing (no replay when replay is on), for
+        the |trainer - engine| logprob gaps in `diffs` ([with replay, without]). Without `need_old` (one optimizer
+        step per batch) the training forward itself gives logp_old and the gap of its own routing."""
         rl = self.rl
+        own = 0 if rl.router_replay else 1
         logp_old, logp_ref = [], []
         for first in range(0, len(all_rows), micro_rows):
             chunk = range(first, min(first + micro_rows, len(all_rows)))
             batch = self._batch([all_rows[i] for i in chunk], [weights[i] for i in chunk])
-            with_replay = self._logprobs(batch, rl.router_replay)
-            without = self._logprobs(batch, not rl.router_replay)
-            replayed, plain = (with_replay, without) if rl.router_replay else (without, with_replay)
-            for j, values in enumerate((replayed, plain)):
-                gap = (values - batch.engine_logp).abs().masked_fill(~batch.mask, 0.0)
-                diffs[j] = max(diffs[j], float(gap.max()))
-            logp_old += list(with_replay)
+            forwards = [(1 - own, self._logprobs(batch, not rl.router_replay))]
+            if need_old:
+                forwards.append((own, self._logprobs(batch, rl.router_replay)))
+                logp_old += list(forwards[-1][1])
+            for j, values in forwards:
+                _record_gap(diffs, j, values, batch)
             if self.reference is not None:
                 logp_ref += list(self._logprobs(batch, rl.router_replay, self.reference))
-        return logp_old, logp_ref
+        return (logp_old or [None] * len(all_rows)), logp_ref
 
     def _batch(self, rows, weights: list[bool]) -> RowBatch:
         batch = RowBatch(rows, self.tokenizer.pad_token_id or 0, self.engine.module.config.num_hidden_layers,
@@ -343,15 +354,16 @@ class RLSource:
         batch.real &= weights_B1
         return batch
 
-    def _run_chunk(self, rows, weights, logp_old, logp_ref, denominator: float, fractions: list[float]) -> MicroBatch:
+    def _run_chunk(self, rows, weights, logp_old, logp_ref, denominator: float, fractions: list[float],
+                   diffs: list[float]) -> MicroBatch:
         if not rows:  # fewer rows than micro-batches: a zero-weight row keeps DeepSpeed's count
             rows, weights, logp_old = [(self._dummy_trajectory(), 0.0)], [False], [None]
             logp_ref = [None] if logp_ref is not None else None
         batch = self._batch(rows, weights)
         width = batch.input_ids.shape[1]
-        old = torch.stack([_fit(v, width) for v in logp_old]).to(self.info.device)
+        old = torch.stack([_fit(v, width) for v in logp_old]).to(self.info.device) if logp_old[0] is not None else None
         ref = torch.stack([_fit(v, width) for v in logp_ref]).to(self.info.device) if logp_ref else None
-        return self._micro_batch(batch, old, ref, denominator, fractions)
+        return self._micro_batch(batch, old, ref, denominator, fractions, diffs)
 
     def _dummy_trajectory(self) -> Trajectory:
         """A two-token row that only pads a rank's micro-batch count; its weight is zero."""
@@ -360,6 +372,12 @@ class RLSource:
         last = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         return Trajectory("padding", 0, [first], [last], [0.0], torch.zeros(2, layers, dtype=torch.long), "length",
                           parents=())
+
+
+def _record_gap(diffs: list[float], index: int, logp_BS: torch.Tensor, batch: RowBatch) -> None:
+    """diffs[index] = max(itself, the largest |logp - engine logp| over the batch's weighted response tokens)."""
+    gap = (logp_BS - batch.engine_logp).abs().masked_fill(~batch.mask, 0.0)
+    diffs[index] = max(diffs[index], float(gap.max()))
 
 
 def real_token_loads(expert_ids_BSL: torch.Tensor, real_BS: torch.Tensor, num_classes: int) -> torch.Tensor:
