@@ -131,6 +131,25 @@ def test_a_step_without_a_kept_group_takes_no_optimizer_step(tmp_path, policy):
     assert all(torch.equal(trained[n], initial[n]) for n in trained if n in initial)
 
 
+def test_a_compute_budget_stops_the_run_with_a_checkpoint(tmp_path, policy):
+    summary = run(tmp_path, "budget", policy, "rl.max_compute_tokens=1")
+    assert (summary["step"], summary["reason"]) == (1, "compute_budget"), "step 1 starts at 0 tokens, step 2 past 1"
+    assert latest_checkpoint(tmp_path / "budget").name == "step_00000001"
+    (row,) = step_rows(tmp_path / "budget")
+    assert row["compute/total_tokens"] == sum(row[f"compute/{k}_tokens"] for k in ("prefill", "decode", "trained"))
+
+
+def test_rl_runs_with_muon_at_momentum_zero(tmp_path, policy):
+    # rl=zaya1's optimizer: Muon with momentum 0 on matrices, AdamW elsewhere.
+    run(tmp_path, "muon", policy, "optim=muon", "optim.muon_momentum=0.0", "trainer.max_steps=2")
+    rows = step_rows(tmp_path / "muon")
+    assert [r["rl/optimizer_steps"] for r in rows] == [1, 1]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    trained = consolidated_state_dict(latest_checkpoint(tmp_path / "muon"))
+    initial = load_pretrained(policy).state_dict()
+    assert not torch.equal(trained["model.layers.0.mlp.experts.down_proj"], initial["model.layers.0.mlp.experts.down_proj"])
+
+
 def test_two_ranks_zero1_agree(tmp_path, policy):
     # Each rank holds 2 problems x G 2 plain rows and 1 x 2 rows of each round: 8 rows for 3 minibatches of 3
     # micro-batches, so one micro-batch holds no row and runs a zero-weight one; dynamic sampling, refills and the

@@ -161,6 +161,9 @@ class RLConfig:
     """Move the routers' balancing biases during RL (off: the rollout policy changes only by gradient steps)."""
     max_batch_size: int | None = None
     """Rows the rollout engine decodes at once; None: a whole round of the step."""
+    max_compute_tokens: int | None = None
+    """Stop (with a checkpoint) before the first step that would start with compute/total_tokens (prefilled +
+    decoded + trained tokens, counted by the run) at or past this budget; None: trainer.max_steps alone."""
     codesign: CodesignConfig = field(default_factory=CodesignConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 
@@ -184,6 +187,8 @@ class RLConfig:
         _require(self.tis_cap >= 0, "rl.tis_cap", f"must be >= 0 (0: off), got {self.tis_cap}")
         _require(self.kl_coef >= 0, "rl.kl_coef", f"must be >= 0, got {self.kl_coef}")
         _require(self.max_batch_size is None or self.max_batch_size >= 1, "rl.max_batch_size", "must be >= 1")
+        _require(self.max_compute_tokens is None or self.max_compute_tokens >= 1, "rl.max_compute_tokens",
+                 f"must be >= 1 or null, got {self.max_compute_tokens}")
         special = self.data.startswith(("rg:", "hub:")) or self.data == "nano_chain_sum"
         _require(special or Path(self.data).is_file(), "rl.data",
                  f"must be nano_chain_sum, rg:<task>, hub:<name> or an existing jsonl file, got {self.data!r}")

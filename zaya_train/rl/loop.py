@@ -139,6 +139,8 @@ class WeightSync:
 class RLSource:
     """The trainer's batch source for `recipe=rl` (see the module docstring)."""
 
+    exhausted_reason = "compute_budget"
+
     def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo) -> None:
         if cfg.model.init_from is None:
             raise ConfigError("model.init_from: recipe=rl needs the policy to start from (a run directory, a trainer "
@@ -242,8 +244,10 @@ class RLSource:
         loads = real_token_loads(out.expert_ids, batch.real, self.engine.module.config.num_router_classes)
         return MicroBatch(loss * world, loss.detach() * world * self.gas, loads, int(batch.real.sum()))
 
-    def run_step(self, step: int, runner: StepRunner) -> StepResult:
+    def run_step(self, step: int, runner: StepRunner) -> StepResult | None:
         rl, device = self.rl, self.info.device
+        if rl.max_compute_tokens is not None and sum(self.state["compute"].values()) >= rl.max_compute_tokens:
+            return None
         self.gas = self.engine.gradient_accumulation_steps()
         sync_before = self.sync.seconds
         start = time.perf_counter()

@@ -48,6 +48,8 @@ POOL_OFFSET = 1 << 40
 
 
 class WarmStartSource:
+    exhausted_reason = "data_exhausted"  # never: every step builds new rows
+
     def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo) -> None:
         if cfg.model.init_from is None:
             raise ConfigError("model.init_from: recipe=warmstart needs the policy to start from")

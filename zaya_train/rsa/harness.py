@@ -83,7 +83,7 @@ def run_eval(cfg, run_dir: Path, overlay_dir: Path | None = None) -> dict[str, A
         rounds_bar.update(1)
         return results
 
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
     rsa = cfg.rsa.stripping([tokenizer.eos_token_id])
     result = run_rsa(problems, generate, verifier_scorer(verifier, decode), rsa, template)
     rounds_bar.close()

@@ -202,11 +202,14 @@ class BatchSource(Protocol):
 
     tokenizer: Any
     stats: dict[str, int]
+    exhausted_reason: str
+    """The stop reason the summary gives when `run_step` returns None (e.g. "data_exhausted")."""
 
     def attach(self, engine, info: DistInfo) -> None: ...
 
     def run_step(self, step: int, runner: StepRunner) -> StepResult | None:
-        """Runs one trainer step (one or more `runner.update` calls); None when the data is used up."""
+        """Runs one trainer step (one or more `runner.update` calls); None when there is nothing more to train on
+        (the data is used up, a compute budget is spent): the run then stops with a checkpoint."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -226,6 +229,8 @@ SourceFactory = Callable[[RunConfig, Path, DistInfo], BatchSource]
 class PretrainSource:
     """Packed windows of the pretraining / SFT / chain-sum data, `deepspeed.gradient_accumulation_steps`
     micro-batches per step, the fused cross-entropy."""
+
+    exhausted_reason = "data_exhausted"
 
     def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo) -> None:
         self.cfg = cfg
@@ -341,7 +346,7 @@ def train(
         while state["step"] < cfg.trainer.max_steps:
             result = source.run_step(state["step"], runner)
             if result is None:
-                reason = "data_exhausted"
+                reason = source.exhausted_reason
                 if saved_step != state["step"]:
                     _save(run_dir, cfg, engine, state, source, balancer, info)
                 break
@@ -380,7 +385,7 @@ def train(
             if stopping:
                 reason = f"signal {signal.Signals(stop.received).name if stop.received else 'on another rank'}"
                 break
-        if reason in ("max_steps", "data_exhausted"):
+        if reason in ("max_steps", source.exhausted_reason):
             source.finish(engine, state["step"], last_loss, metrics, info)
     finally:
         if progress is not None:
