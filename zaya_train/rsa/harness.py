@@ -90,7 +90,7 @@ def run_eval(cfg, run_dir: Path, overlay_dir: Path | None = None) -> dict[str, A
     path = write_results(result, run_dir)
     with MetricsSink(run_dir, cfg.wandb, run_config=cfg) as sink:
         for metrics in result.rounds:
-            values = {f"rsa/{k}": v for k, v in vars(metrics).items() if k != "round"}
+            values = {f"rsa/{k}": v for k, v in vars(metrics).items() if k != "round" and not isinstance(v, list)}
             sink.log(metrics.round, float("nan"), {**values, "event": "rsa_round"})
     others = sorted(overlay_dir.glob(f"*/{RESULTS_FILE}")) if overlay_dir is not None else []
     plot_results(sorted({*others, path}), run_dir / PLOT_FILE)

@@ -11,7 +11,11 @@ All metrics are averages over problems of a per-problem value:
   answered);
 - pass_at_n: best score among the N candidates (1 if any is right, for 0/1 rewards);
 - generated_tokens: newly generated tokens of all N candidates (prompts and copied tails excluded);
-- max_prompt_tokens: the longest prompt built in the round, over all problems (a maximum, not a mean).
+- max_prompt_tokens: the longest prompt built in the round, over all problems (a maximum, not a mean);
+- mean_accuracy_ci: a 95% percentile bootstrap interval over problems; majority_accuracy_ci and pass_at_n_ci:
+  95% Wilson intervals (zaya_train.rsa.stats);
+- problem_mean_scores: each problem's mean candidate score, in problem order, for paired comparisons between
+  rounds or models evaluated on the same problems (`paired_bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from zaya_train.rsa.stats import bootstrap_ci, wilson_ci
 
 if TYPE_CHECKING:
     from zaya_train.rsa.core import Candidate, RSAResult
@@ -41,6 +47,10 @@ class RoundMetrics:
     max_prompt_tokens: int
     cumulative_generated_tokens: float
     """generated_tokens summed over this round and all earlier ones: the cost of stopping here."""
+    mean_accuracy_ci: list[float]
+    majority_accuracy_ci: list[float]
+    pass_at_n_ci: list[float]
+    problem_mean_scores: list[float]
 
 
 def majority_score(candidates: Sequence[Candidate]) -> float:
@@ -65,14 +75,21 @@ def round_metrics(
         raise ValueError("population must hold at least one problem with at least one candidate")
     num_problems = len(population)
     generated = sum(len(c.token_ids) for cands in population for c in cands) / num_problems
+    means = [sum(c.score for c in cands) / len(cands) for cands in population]
+    majority = sum(majority_score(cands) for cands in population)
+    best = sum(max(c.score for c in cands) for cands in population)
     return RoundMetrics(
         round=round_idx,
-        mean_accuracy=sum(sum(c.score for c in cands) / len(cands) for cands in population) / num_problems,
-        majority_accuracy=sum(majority_score(cands) for cands in population) / num_problems,
-        pass_at_n=sum(max(c.score for c in cands) for cands in population) / num_problems,
+        mean_accuracy=sum(means) / num_problems,
+        majority_accuracy=majority / num_problems,
+        pass_at_n=best / num_problems,
         generated_tokens=generated,
         max_prompt_tokens=max(c.prompt_tokens for cands in population for c in cands),
         cumulative_generated_tokens=generated + (previous.cumulative_generated_tokens if previous else 0.0),
+        mean_accuracy_ci=list(bootstrap_ci(means)),
+        majority_accuracy_ci=list(wilson_ci(majority, num_problems)),
+        pass_at_n_ci=list(wilson_ci(best, num_problems)),
+        problem_mean_scores=means,
     )
 
 
