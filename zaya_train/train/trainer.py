@@ -1,7 +1,13 @@
-"""The pretrain / midtrain / SFT loop on a DeepSpeed engine.
+"""The one training loop on a DeepSpeed engine: pretraining, midtraining and SFT, and (through other batch sources)
+the aggregation warm start and RL.
 
     zaya-train recipe=pretrain data.path=corpus.jsonl run_dir=runs/p1 trainer.max_steps=1000
     torchrun --nproc_per_node=2 -m zaya_train recipe=nano deepspeed.zero_stage=2
+
+A `BatchSource` decides what one trainer step trains on and how: `PretrainSource` (packed windows, fused
+cross-entropy), `zaya_train.rl.loop.RLSource` (rollouts, policy loss, several optimizer steps per batch),
+`zaya_train.rl.warmstart.WarmStartSource`. Every optimizer step of every source goes through `StepRunner.update`,
+and the loop around it (resume, checkpoints, metrics, progress bar, signals, end-of-run hooks) is shared.
 
 Per optimizer step: `gradient_accumulation_steps` micro-batches forward + backward, one DeepSpeed step, then the
 expert-bias balancer's update from the step's global expert loads. A micro-batch whose loss is NaN or Inf (on
