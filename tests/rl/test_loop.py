@@ -18,10 +18,9 @@ import pytest
 import torch
 
 from zaya_train.cli import compose_run_config
-from zaya_train.data import NANO_CHARS, char_tokenizer, load_tokenizer
-from zaya_train.hf import load_pretrained, save_pretrained
+from zaya_train.data import load_tokenizer
+from zaya_train.hf import load_pretrained
 from zaya_train.loading import consolidated_state_dict, latest_checkpoint
-from zaya_train.model import ZayaForCausalLM, preset
 from zaya_train.train.config import ConfigError
 from zaya_train.train.export import export_checkpoint
 
@@ -31,18 +30,6 @@ SMALL = [
     "rl.group_size=4", "rl.max_new_tokens=16", "rl.codesign.share=0.5", "rl.codesign.rounds=2",
     "rl.codesign.max_new_tokens=6", "rsa.c=2", "rsa.tau=4", "optim.lr=3e-3", "schedule.warmup_steps=0",
 ]
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("policy")
-    tokenizer = char_tokenizer(NANO_CHARS)
-    torch.manual_seed(0)
-    config = preset("nano", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    save_pretrained(ZayaForCausalLM(config), path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def free_port() -> int:

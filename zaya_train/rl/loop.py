@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from zaya_train.data import load_tokenizer
+from zaya_train.data import IGNORE_INDEX, load_tokenizer
 from zaya_train.loading import load_model, tokenizer_dir
 from zaya_train.model import ZayaForCausalLM
 from zaya_train.rl import algorithms
@@ -55,23 +55,21 @@ from zaya_train.rollout import RolloutEngine
 from zaya_train.rsa import Trajectory
 from zaya_train.train.config import ConfigError, RunConfig
 from zaya_train.train.engine import DistInfo
-from zaya_train.train.trainer import MicroBatch, StepResult, StepRunner
+from zaya_train.train.trainer import MicroBatch, StepResult, StepRunner, reduce_over_ranks
 
 log = logging.getLogger("zaya_train")
 
-IGNORE_INDEX = -100
 
-
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
-    if not _distributed():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor.tolist()
+def policy_tokenizer(cfg: RunConfig, run_dir: Path, info: DistInfo):
+    """The tokenizer that travels with `model.init_from`, saved (by rank 0) as the run's own, so that the run's
+    checkpoints load and export like any other run's."""
+    if cfg.model.init_from is None:
+        raise ConfigError(f"model.init_from: recipe={cfg.recipe} needs the policy to start from (a run directory, a "
+                          "trainer checkpoint or an HF directory)")
+    tokenizer = load_tokenizer(tokenizer_dir(cfg.model.init_from))
+    if info.rank == 0:
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    return tokenizer
 
 
 class RowBatch:
@@ -142,13 +140,8 @@ class RLSource:
     exhausted_reason = "compute_budget"
 
     def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo) -> None:
-        if cfg.model.init_from is None:
-            raise ConfigError("model.init_from: recipe=rl needs the policy to start from (a run directory, a trainer "
-                              "checkpoint or an HF directory)")
         self.cfg, self.rl, self.info = cfg, cfg.rl, info
-        self.tokenizer = load_tokenizer(tokenizer_dir(cfg.model.init_from))
-        if info.rank == 0:
-            self.tokenizer.save_pretrained(run_dir / "tokenizer")
+        self.tokenizer = policy_tokenizer(cfg, run_dir, info)
         self.stats: dict[str, int] = {}
         self.prompts = prompt_source(self.rl.data, cfg.seed)
         rounds = len(self.rl.codesign.problems_per_round(self.rl.prompts_per_step))
@@ -256,7 +249,7 @@ class RLSource:
 
         totals = rollout_totals(rollouts, self.kinds)
         names = sorted(totals)
-        reduced = dict(zip(names, _all_reduce([float(totals[k]) for k in names], device)))
+        reduced = dict(zip(names, reduce_over_ranks([float(totals[k]) for k in names], device)))
         metrics = rollout_metrics(reduced, self.kinds)
         # The length bonus' p* is the running maximum of each prompt type's solve rate over whole steps (all ranks).
         for kind in self.kinds:
@@ -265,7 +258,7 @@ class RLSource:
 
         rows = self._advantages(rollouts.trained, step)
         train_start = time.perf_counter()
-        (most_rows,) = _all_reduce([len(rows)], device, dist.ReduceOp.MAX if _distributed() else None)
+        (most_rows,) = reduce_over_ranks([len(rows)], device, dist.ReduceOp.MAX)
         diffs, fractions, losses, skipped, tokens = [0.0, 0.0], [0.0] * 4, [], False, 0
         if most_rows > 0:  # no group kept anywhere: no optimizer step (a zero-gradient step still moves AdamW)
             # The same number of micro-batches on every rank (DeepSpeed's collectives count them): a rank with fewer
@@ -284,7 +277,7 @@ class RLSource:
                 for minibatch in _chunks(order, rl.minibatches):
                     counts = [sum(weights[i] for i in minibatch),
                               sum(len(all_rows[i][0].token_ids) * weights[i] for i in minibatch)]
-                    rows_all, tokens_all = _all_reduce([float(c) for c in counts], device)
+                    rows_all, tokens_all = reduce_over_ranks([float(c) for c in counts], device)
                     if rows_all == 0:  # every rank drew only padding here
                         continue
                     denominator = tokens_all if rl.loss_aggregation == "token_mean" else rows_all
@@ -301,13 +294,13 @@ class RLSource:
         train_s = time.perf_counter() - train_start - (self.sync.seconds - sync_before)
 
         compute = self.state["compute"]
-        step_compute = _all_reduce([rollouts.prefill_tokens, rollouts.decode_tokens, tokens], device)
+        step_compute = reduce_over_ranks([rollouts.prefill_tokens, rollouts.decode_tokens, tokens], device)
         for key, value in zip(("prefill", "decode", "trained"), step_compute):
             compute[key] += int(value)
         for key in ("generated", "dropped", "trained", "degenerate"):
             self.state["samples"][key] += metrics[f"samples/{key}"]
-        (diff_replay, diff_noreplay) = _all_reduce(diffs, device, dist.ReduceOp.MAX if _distributed() else None)
-        frac_tokens, masked, truncated, capped = _all_reduce(fractions, device)
+        (diff_replay, diff_noreplay) = reduce_over_ranks(diffs, device, dist.ReduceOp.MAX)
+        frac_tokens, masked, truncated, capped = reduce_over_ranks(fractions, device)
         metrics.update({
             "rl/logprob_diff_max": diff_replay,
             "rl/logprob_diff_max_noreplay": diff_noreplay,

@@ -24,7 +24,6 @@ problems and samples as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ from zaya_train.rl.algorithms import degenerate_mask, dynamic_sampling_filter
 from zaya_train.rl.config import RLConfig
 from zaya_train.rl.prompts import PromptSource, qa_rows, read_jsonl
 from zaya_train.rsa import RSAConfig, RSAProblem, Trajectory, build_template, population_prompts
+from zaya_train.rsa.core import stable_hash64
 
 
 def step_seed(*parts: object) -> int:
     """A 63-bit seed from a hash of `parts` (seed, step, rank, what it seeds)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return stable_hash64(*parts) >> 1
 
 
 def kind_name(round_idx: int) -> str:

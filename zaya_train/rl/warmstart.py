@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from zaya_train.data import load_tokenizer
-from zaya_train.loading import load_model, tokenizer_dir
-from zaya_train.rl.loop import real_token_loads
+from zaya_train.data import IGNORE_INDEX
+from zaya_train.loading import load_model
+from zaya_train.rl.loop import policy_tokenizer, real_token_loads
 from zaya_train.rl.prompts import prompt_source
 from zaya_train.rl.rollouts import step_seed
 from zaya_train.rollout import RolloutEngine
@@ -42,7 +42,6 @@ from zaya_train.train.config import ConfigError, RunConfig
 from zaya_train.train.engine import DistInfo
 from zaya_train.train.trainer import MicroBatch, StepResult, StepRunner
 
-IGNORE_INDEX = -100
 # Problem indices of the pool start here, far from the plain rows' indices, so the two never share a problem.
 POOL_OFFSET = 1 << 40
 
@@ -51,14 +50,10 @@ class WarmStartSource:
     exhausted_reason = "data_exhausted"  # never: every step builds new rows
 
     def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo) -> None:
-        if cfg.model.init_from is None:
-            raise ConfigError("model.init_from: recipe=warmstart needs the policy to start from")
         if cfg.rsa.c > cfg.rsa.n:
             raise ConfigError(f"rsa.c: {cfg.rsa.c} candidates per prompt need rsa.n >= that many, got {cfg.rsa.n}")
         self.cfg, self.ws, self.info = cfg, cfg.rl.warmstart, info
-        self.tokenizer = load_tokenizer(tokenizer_dir(cfg.model.init_from))
-        if info.rank == 0:
-            self.tokenizer.save_pretrained(run_dir / "tokenizer")
+        self.tokenizer = policy_tokenizer(cfg, run_dir, info)
         self.prompts = prompt_source(cfg.rl.data, cfg.seed)
         self.bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         self.template = build_template(cfg.rsa.template, self.encode, max_candidates=cfg.rsa.c)

@@ -144,14 +144,15 @@ def verifier_scorer(verifier: AnswerVerifier, decode: Callable[[list[int]], str]
     return score
 
 
-def _hash64(*parts: object) -> int:
-    # repr of ints and strings is stable across processes, unlike hash() under PYTHONHASHSEED.
+def stable_hash64(*parts: object) -> int:
+    """A 64-bit hash of `parts` that every process computes alike (repr of ints and strings is stable across
+    processes, unlike hash() under PYTHONHASHSEED)."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
 def generation_seed(seed: int, round_idx: int) -> int:
     """Seed passed to `generate` for one round (31 bits, which every sampler accepts)."""
-    return _hash64("generate", seed, round_idx) & 0x7FFF_FFFF
+    return stable_hash64("generate", seed, round_idx) & 0x7FFF_FFFF
 
 
 def choose_parents(
@@ -164,7 +165,7 @@ def choose_parents(
     """
     if c == 1:
         return (candidate_idx % n,)
-    rng = random.Random(_hash64("subset", seed, problem_id, round_idx, candidate_idx))
+    rng = random.Random(stable_hash64("subset", seed, problem_id, round_idx, candidate_idx))
     return tuple(rng.sample(range(n), c))
 
 

@@ -84,12 +84,12 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def _sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """One all-reduce for several per-step numbers."""
+def reduce_over_ranks(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    """One all-reduce (`op`: SUM, MAX, ...) for several per-step numbers; the values themselves on one process."""
     if not _distributed():
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
 
@@ -173,7 +173,7 @@ class StepRunner:
             values.append(float(out.value))
             counted = True
         skipped = not counted or skipped_steps(engine) > skipped_before
-        value_sum, value_count = _sum_over_ranks([sum(values), len(values)], device)
+        value_sum, value_count = reduce_over_ranks([sum(values), len(values)], device)
         if skipped:
             self.state["skipped_steps"] += 1
             self.in_row += 1
@@ -357,7 +357,7 @@ def train(
                     _save(run_dir, cfg, engine, state, source, balancer, info)
                 break
             state["step"] += 1
-            (tokens_all,) = _sum_over_ranks([result.tokens], info.device)
+            (tokens_all,) = reduce_over_ranks([result.tokens], info.device)
             state["tokens"] += int(tokens_all)
             window_tokens += int(tokens_all)
             last_loss = result.loss
