@@ -31,10 +31,10 @@ def _zaya_train(*args: str, cwd) -> None:
 
 @pytest.fixture(scope="session")
 def nano_base_run(tmp_path_factory):
-    """The default `zaya-train` run (seed 0, 500 steps, held-out evaluation), trained once per pytest session: the
-    slow learning tests check it and start RL from it."""
+    """`zaya-train recipe=nano_pretrain` (seed 0, 500 steps, held-out evaluation), trained once per pytest session:
+    the slow learning tests check it and start RL from it."""
     root = tmp_path_factory.mktemp("nano_base")
-    _zaya_train(f"run_dir={root / 'run'}", cwd=root)
+    _zaya_train("recipe=nano_pretrain", f"run_dir={root / 'run'}", cwd=root)
     return root / "run"
 
 

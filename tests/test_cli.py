@@ -26,12 +26,12 @@ def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("recipe", "overrides", "key"),
     [
-        ("nano", ["trainer.max_stepz=3"], "trainer.max_stepz"),
-        ("nano", ["trainer.max_steps=many"], "trainer.max_steps"),
-        ("nano", ["deepspeed.zero_stage=7"], "deepspeed.zero_stage"),
-        ("nano", ["trainer.max_steps=-1"], "trainer.max_steps"),
-        ("nano", ["optim.lr=-1"], "optim.lr"),
-        ("nano", ["model=huge"], "model"),
+        ("nano_pretrain", ["trainer.max_stepz=3"], "trainer.max_stepz"),
+        ("nano_pretrain", ["trainer.max_steps=many"], "trainer.max_steps"),
+        ("nano_pretrain", ["deepspeed.zero_stage=7"], "deepspeed.zero_stage"),
+        ("nano_pretrain", ["trainer.max_steps=-1"], "trainer.max_steps"),
+        ("nano_pretrain", ["optim.lr=-1"], "optim.lr"),
+        ("nano_pretrain", ["model=huge"], "model"),
         ("pretrain", [], "data.path"),
         ("pretrain", ["data.path=/nonexistent/corpus.jsonl"], "data.path"),
         ("export", ["out=/tmp/x"], "checkpoint"),
@@ -67,7 +67,7 @@ def test_paths_that_hold_no_checkpoint_fail_fast_naming_the_key(tmp_path):
         (["recipe=eval_rsa", f"checkpoint={empty}"], "checkpoint"),
     ]
     for overrides, key in cases:
-        proc = cli(*overrides, f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+        proc = cli("recipe=nano_pretrain", *overrides, f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, (overrides, proc.stderr[-2000:])
         assert lines[0].startswith(f"zaya-train: error: {key}: "), lines[0]
@@ -75,7 +75,7 @@ def test_paths_that_hold_no_checkpoint_fail_fast_naming_the_key(tmp_path):
 
 
 def test_sweep_runs_one_job_per_value(tmp_path):
-    proc = cli("-m", "trainer.max_steps=2,3", "trainer.save_interval=10", *FAST, f"run_dir={tmp_path / 'sweep'}",
+    proc = cli("-m", "recipe=nano_pretrain", "trainer.max_steps=2,3", "trainer.save_interval=10", *FAST, f"run_dir={tmp_path / 'sweep'}",
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, steps in (("0", 2), ("1", 3)):
@@ -85,7 +85,7 @@ def test_sweep_runs_one_job_per_value(tmp_path):
 
 def test_train_then_export_loads_in_transformers(tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "hf"
-    trained = cli("trainer.max_steps=3", "trainer.save_interval=3", *FAST, f"run_dir={run_dir}", cwd=tmp_path)
+    trained = cli("recipe=nano_pretrain", "trainer.max_steps=3", "trainer.save_interval=3", *FAST, f"run_dir={run_dir}", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     exported = cli("recipe=export", f"checkpoint={run_dir}", f"out={out}", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr[-3000:]

@@ -1,12 +1,13 @@
-"""The `zaya-train` command: Hydra recipes for pretraining, SFT and export.
+"""The `zaya-train` command: Hydra recipes for the main job, pretraining, SFT, RL, evaluation and export.
 
-    zaya-train                                         # the default recipe: nano, on the CPU, in minutes
+    zaya-train                                         # the main job: a nano co-design experiment on the CPU
+    zaya-train recipe=nano_pretrain                    # its pretraining stage alone
     zaya-train recipe=pretrain data.path=corpus.jsonl model=small trainer.max_steps=2000
     zaya-train recipe=export checkpoint=runs/nano/... out=exports/nano
     zaya-train recipe=eval_rsa checkpoint=runs/nano/... eval.data=nano_chain_sum rsa.t=2
     zaya-train recipe=rl model.init_from=runs/nano/... rl.codesign.share=0.5 rl.codesign.rounds=2
-    zaya-train -m recipe=nano optim.lr=1e-3,3e-3       # a sweep: one job per value
-    torchrun --nproc_per_node=2 -m zaya_train recipe=nano deepspeed=zero2
+    zaya-train -m recipe=nano_pretrain optim.lr=1e-3,3e-3   # a sweep: one job per value
+    torchrun --nproc_per_node=2 -m zaya_train recipe=nano_pretrain deepspeed=zero2
 
 Recipes live in `recipes/`, config groups in `conf/` (model, data, optim, deepspeed, trainer, logging, rsa, rl). Every key
 is typed (zaya_train/train/config.py): an unknown key, a wrong type or an impossible value stops the command
@@ -87,21 +88,27 @@ def to_run_config(cfg: DictConfig):
     return run_cfg
 
 
-def compose_run_config(recipe: str, overrides: list[str]):
-    """The validated RunConfig of `recipe` with `overrides`, composed outside a Hydra app (no sweeps).
+def compose_run_config(recipe: str, overrides: list[str], build: bool = True):
+    """The validated RunConfig of `recipe` with `overrides` (no sweeps); with `build=False` only the composed
+    DictConfig, checked for unknown keys and wrong types but not for values (paths may not exist yet).
     Raises ConfigError naming the key."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     from zaya_train.train.config import ConfigError
 
     _register_schema()
+    overrides = overrides + [f"hydra.searchpath=[file://{CONF_DIR}]"]
     try:
-        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
-            cfg = compose(config_name=recipe, overrides=overrides + [f"hydra.searchpath=[file://{CONF_DIR}]"])
+        if GlobalHydra.instance().is_initialized():  # inside the zaya-train app (the main job's stages)
+            cfg = compose(config_name=recipe, overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
+                cfg = compose(config_name=recipe, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(one_line(err)) from err
-    return to_run_config(cfg)
+    return to_run_config(cfg) if build else cfg
 
 
 def check_config(recipe: str, overrides: list[str]) -> None:
@@ -137,19 +144,13 @@ def _task(cfg: DictConfig) -> None:
         out = export_checkpoint(run_cfg.checkpoint, run_cfg.out)
         print(f"zaya-train: wrote an HF zaya checkpoint and its tokenizer to {out}")
         return
-    from zaya_train.train.trainer import PretrainSource, TrainingDiverged, train
+    if run_cfg.recipe == "nano":
+        _main_job(run_cfg, run_dir)
+        return
+    from zaya_train.train.trainer import TrainingDiverged, train
 
-    source_factory = PretrainSource
-    if run_cfg.recipe == "rl":
-        from zaya_train.rl.loop import RLSource
-
-        source_factory = RLSource
-    elif run_cfg.recipe == "warmstart":
-        from zaya_train.rl.warmstart import WarmStartSource
-
-        source_factory = WarmStartSource
     try:
-        summary = train(run_cfg, run_dir, source_factory=source_factory)
+        summary = train(run_cfg, run_dir, source_factory=source_factory(run_cfg.recipe))
     except ConfigError as err:
         print(f"zaya-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
@@ -161,6 +162,39 @@ def _task(cfg: DictConfig) -> None:
     if dist.get_rank() == 0:
         print(f"zaya-train: {run_cfg.recipe} stopped at step {summary['step']} ({summary['reason']}), "
               f"loss {summary['loss']:.4f}; outputs in {run_dir}")
+
+
+def source_factory(recipe: str):
+    """The trainer's batch source for a training recipe."""
+    if recipe == "rl":
+        from zaya_train.rl.loop import RLSource
+
+        return RLSource
+    if recipe == "warmstart":
+        from zaya_train.rl.warmstart import WarmStartSource
+
+        return WarmStartSource
+    from zaya_train.train.trainer import PretrainSource
+
+    return PretrainSource
+
+
+def _main_job(run_cfg, run_dir: Path) -> None:
+    from zaya_train.experiment.pipeline import StageInterrupted, interrupted_exit_code, run_main_job
+    from zaya_train.train.config import ConfigError
+    from zaya_train.train.trainer import TrainingDiverged
+
+    try:
+        run_main_job(run_cfg, run_dir)
+    except ConfigError as err:
+        print(f"zaya-train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    except TrainingDiverged as err:
+        print(f"zaya-train: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+    except StageInterrupted as err:
+        print(f"zaya-train: {err}; continue with: zaya-train trainer.resume=auto run_dir={run_dir}", file=sys.stderr)
+        raise SystemExit(interrupted_exit_code(err)) from err
 
 
 def _destroy_process_group() -> None:

@@ -13,6 +13,7 @@ from zaya_train.data.synthetic import (
     held_out_problems,
     is_correct,
     make_problem,
+    validation_problems,
 )
 from zaya_train.data.tokenizer import char_tokenizer
 
@@ -68,11 +69,13 @@ def test_held_out_problems_never_train(tok):
     default = ChainSumConfig()
     held = held_out_problems(default)
     assert len(held) == 200 and len({p.numbers for p in held}) == 200 and held == held_out_problems(default)
-    # A space of 4 problems with 2 held out: exclusion must be exact, not just unlikely.
-    tiny = ChainSumConfig(num_terms=2, low=10, high=11, test_size=2, test_seed=0)
+    # A space of 9 problems with 2 held out and 2 for validation: exclusion must be exact, not just unlikely.
+    tiny = ChainSumConfig(num_terms=2, low=10, high=12, test_size=2, test_seed=0)
     held_tiny = {p.numbers for p in held_out_problems(tiny)}
-    seen = {ChainSumDataset(tiny, tok, size=200, seed=1).problem(i).numbers for i in range(200)}
-    assert seen == {(10, 10), (10, 11), (11, 10), (11, 11)} - held_tiny
+    validation_tiny = {p.numbers for p in validation_problems(tiny)}
+    assert len(held_tiny) == len(validation_tiny) == 2 and not held_tiny & validation_tiny
+    seen = {ChainSumDataset(tiny, tok, size=300, seed=1).problem(i).numbers for i in range(300)}
+    assert seen == {(a, b) for a in (10, 11, 12) for b in (10, 11, 12)} - held_tiny - validation_tiny
 
 
 def test_checker_is_exact():

@@ -59,6 +59,7 @@ def test_round_metrics_carry_intervals_and_per_problem_scores():
     population = [[cand(1.0, "1"), cand(0.0, "2"), cand(1.0, "1")], [cand(0.0, "3"), cand(0.0, None), cand(0.0, "3")]]
     metrics = round_metrics(0, population)
     assert metrics.problem_mean_scores == pytest.approx((2 / 3, 0.0))
+    assert metrics.problem_majority_scores == pytest.approx((1.0, 0.0))  # "1" wins 2-1; "3" wins and is wrong
     assert metrics.majority_accuracy_ci == list(wilson_ci(1, 2))
     assert metrics.pass_at_n_ci == list(wilson_ci(1, 2))
     low, high = metrics.mean_accuracy_ci

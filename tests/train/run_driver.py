@@ -1,6 +1,6 @@
 """Runs one training job through the Python API and reports what the tests check (run under torchrun or alone).
 
-    python tests/train/run_driver.py RESULT.json recipe=nano key=value ...
+    python tests/train/run_driver.py RESULT.json recipe=nano_pretrain key=value ...
 
 Writes RESULT.json from rank 0: the summary, and the largest difference between any two ranks' parameters and
 balancing biases at the end (gathered in full under ZeRO-3). ZAYA_TEST_DUMP_WEIGHTS=path.pt also saves rank 0's
@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from zaya_train import metrics
 from zaya_train.cli import compose_run_config
+from zaya_train.cli import source_factory as cli_source_factory
 from zaya_train.train import checkpoint
 
 
@@ -132,7 +133,7 @@ def patch_rl(source_class, report: dict) -> None:
             source = make_source(data, seed)
             return prompts_module_source(source.rows, DigitShare(), source.seed, source.shuffle_rows)
 
-        import zaya_train.rl.loop as loop
+        from zaya_train.rl import loop
 
         loop.prompt_source = with_digit_reward
     if os.environ.get("ZAYA_TEST_CHECK_SYNC"):
@@ -173,7 +174,7 @@ def sync_logprob_diff(source, engine) -> float:
 
 def main() -> None:
     result_path, *args = sys.argv[1:]
-    recipe = "nano"
+    recipe = "nano_pretrain"
     overrides = []
     for arg in args:
         if arg.startswith("recipe="):
@@ -184,19 +185,12 @@ def main() -> None:
     dump_initial_weights()
     inject_faults()
     inject_nan_losses()
-    from zaya_train.train.trainer import PretrainSource, TrainingDiverged, train
+    from zaya_train.train.trainer import TrainingDiverged, train
 
     report = {}
-    source_factory = PretrainSource
+    source_factory = cli_source_factory(recipe)
     if recipe == "rl":
-        from zaya_train.rl.loop import RLSource
-
-        patch_rl(RLSource, report)
-        source_factory = RLSource
-    elif recipe == "warmstart":
-        from zaya_train.rl.warmstart import WarmStartSource
-
-        source_factory = WarmStartSource
+        patch_rl(source_factory, report)
     try:
         summary = train(cfg, Path(cfg.run_dir), on_finish=lambda engine: report.update(rank_spread(engine)),
                         source_factory=source_factory)

@@ -42,6 +42,7 @@ from zaya_train.data.synthetic import (
     held_out_problems,
     is_correct,
     make_problem,
+    validation_problems,
 )
 from zaya_train.data.tokenizer import (
     CHAT_TEMPLATE,
@@ -88,5 +89,6 @@ __all__ = [
     "tokenize_chat",
     "train_bpe",
     "trim_conversations",
+    "validation_problems",
     "wrap_tokenizer",
 ]

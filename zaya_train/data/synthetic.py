@@ -39,6 +39,7 @@ class ChainSumConfig:
     high: int = 99
     test_size: int = 200
     test_seed: int = 12345
+    validation_seed: int = 54321
 
     def __post_init__(self) -> None:
         if self.num_terms < 2:
@@ -48,9 +49,10 @@ class ChainSumConfig:
         if self.test_size < 0:
             raise ValueError(f"chain_sum.test_size={self.test_size} must be >= 0")
         distinct = (self.high - self.low + 1) ** self.num_terms
-        if self.test_size > distinct // 2:
+        if 2 * self.test_size > distinct // 2:
             raise ValueError(
-                f"chain_sum.test_size={self.test_size} leaves too few of the {distinct} training problems"
+                f"chain_sum.test_size={self.test_size} (held out, and as many for validation) leaves too few of the "
+                f"{distinct} training problems"
             )
 
     @property
@@ -97,10 +99,23 @@ def _draw(rng: np.random.Generator, config: ChainSumConfig) -> tuple[int, ...]:
 
 def held_out_problems(config: ChainSumConfig) -> list[ChainSumProblem]:
     """The first `test_size` distinct problems drawn from `test_seed`; training never yields any of them."""
-    rng = np.random.default_rng(config.test_seed)
+    return _distinct_problems(config, config.test_seed, exclude=frozenset())
+
+
+def validation_problems(config: ChainSumConfig) -> list[ChainSumProblem]:
+    """`test_size` more distinct problems, from `validation_seed`, none of them held out or ever trained on: for
+    choosing settings without looking at the held-out problems, which then score only the final choice."""
+    return _distinct_problems(config, config.validation_seed,
+                              exclude=frozenset(p.numbers for p in held_out_problems(config)))
+
+
+def _distinct_problems(config: ChainSumConfig, seed: int, exclude: frozenset) -> list[ChainSumProblem]:
+    rng = np.random.default_rng(seed)
     seen: dict[tuple[int, ...], None] = {}
     while len(seen) < config.test_size:
-        seen.setdefault(_draw(rng, config))
+        numbers = _draw(rng, config)
+        if numbers not in exclude:
+            seen.setdefault(numbers)
     return [make_problem(numbers, config) for numbers in seen]
 
 
@@ -132,7 +147,7 @@ class ChainSumDataset(Sequence[PackedWindow]):
 
     @cached_property
     def _held_out(self) -> frozenset[tuple[int, ...]]:
-        return frozenset(p.numbers for p in held_out_problems(self.config))
+        return frozenset(p.numbers for p in held_out_problems(self.config) + validation_problems(self.config))
 
     def __len__(self) -> int:
         return self.size

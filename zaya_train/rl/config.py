@@ -161,6 +161,10 @@ class RLConfig:
     """Move the routers' balancing biases during RL (off: the rollout policy changes only by gradient steps)."""
     max_batch_size: int | None = None
     """Rows the rollout engine decodes at once; None: a whole round of the step."""
+    diagnostic_interval: int = 1
+    """Every this many steps, one extra no-grad forward with the other routing (no replay when replay is on) gives
+    the train/inference logprob gap without replay (`rl/logprob_diff_max_noreplay`); about a quarter of the
+    training time of a step that runs it."""
     max_compute_tokens: int | None = None
     """Stop (with a checkpoint) before the first step that would start with compute/total_tokens (prefilled +
     decoded + trained tokens, counted by the run) at or past this budget; None: trainer.max_steps alone."""
@@ -169,7 +173,7 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         positive = ("prompts_per_step", "minibatches", "epochs", "max_prompt_tokens",
-                    "max_new_tokens")
+                    "max_new_tokens", "diagnostic_interval")
         for key in positive:
             _require(getattr(self, key) >= 1, f"rl.{key}", f"must be >= 1, got {getattr(self, key)}")
         _require(self.group_size >= 2, "rl.group_size", f"must be >= 2 (advantages compare a group), got {self.group_size}")

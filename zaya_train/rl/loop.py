@@ -16,7 +16,8 @@ checkpoints, metrics, SIGTERM) -> weight sync into the rollout engine after ever
   bonus, the LZ77 canary and an optional k3 KL to the frozen initial policy.
 - Router replay (`rl.router_replay`): every trainer forward over a rollout routes each token, in every layer, to
   the expert the engine chose while sampling it. `rl/logprob_diff_max` is the largest |trainer - engine| logprob
-  of a sampled token with replay, `rl/logprob_diff_max_noreplay` without: the MoE train/inference mismatch.
+  of a sampled token with replay, `rl/logprob_diff_max_noreplay` without (every `rl.diagnostic_interval` steps:
+  an extra forward): the MoE train/inference mismatch.
 - Expert biases stay fixed during RL unless `rl.update_expert_biases`: the balancer would move them from the
   replayed loads, changing the rollout policy's routing by something no gradient step accounts for.
 - Weight sync: under ZeRO 0-2 the engine decodes the training model itself, and sync only invalidates its
@@ -270,7 +271,8 @@ class RLSource:
             # With one optimizer step per batch every row is trained before any update: its training forward is
             # the trainer's own pre-update computation, and no separate logp_old forward is needed.
             need_old = rl.epochs * rl.minibatches > 1
-            logp_old, logp_ref = self._recompute(all_rows, weights, micro_rows, diffs, need_old)
+            logp_old, logp_ref = self._recompute(all_rows, weights, micro_rows, diffs, need_old,
+                                                 diagnose=step % rl.diagnostic_interval == 0)
             for epoch in range(rl.epochs):
                 generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.info.rank, "epoch", epoch))
                 order = torch.randperm(len(all_rows), generator=generator).tolist()
@@ -301,9 +303,11 @@ class RLSource:
             self.state["samples"][key] += metrics[f"samples/{key}"]
         (diff_replay, diff_noreplay) = reduce_over_ranks(diffs, device, dist.ReduceOp.MAX)
         frac_tokens, masked, truncated, capped = reduce_over_ranks(fractions, device)
+        gaps = {"rl/logprob_diff_max": diff_replay, "rl/logprob_diff_max_noreplay": diff_noreplay}
+        if step % rl.diagnostic_interval:  # the other routing's forward did not run
+            del gaps["rl/logprob_diff_max_noreplay" if rl.router_replay else "rl/logprob_diff_max"]
         metrics.update({
-            "rl/logprob_diff_max": diff_replay,
-            "rl/logprob_diff_max_noreplay": diff_noreplay,
+            **gaps,
             "rl/masked_frac": masked / max(frac_tokens, 1.0),
             "rl/tis_truncated_frac": truncated / max(frac_tokens, 1.0),
             "rl/ratio_capped_frac": capped / max(frac_tokens, 1.0),
@@ -314,6 +318,8 @@ class RLSource:
             "time/sync_s": self.sync.seconds - sync_before,
             **{f"compute/{k}_tokens": v for k, v in compute.items()},
             "compute/total_tokens": sum(compute.values()),
+            **({"compute/budget_fraction": sum(compute.values()) / rl.max_compute_tokens}
+               if rl.max_compute_tokens is not None else {}),
             **{f"samples_total/{k}": v for k, v in self.state["samples"].items()},
         })
         finite = [x for x in losses if math.isfinite(x)]
@@ -321,19 +327,22 @@ class RLSource:
         return StepResult(loss, tokens, skipped, metrics)
 
     @torch.no_grad()
-    def _recompute(self, all_rows, weights, micro_rows: int, diffs: list[float], need_old: bool):
+    def _recompute(self, all_rows, weights, micro_rows: int, diffs: list[float], need_old: bool, diagnose: bool):
         """No-grad forwards before the first update, in chunks of training micro-batch size: `logp_old` (the
         trainer's own logprobs of the batch, with router replay when on) when `need_old`; the reference policy's
-        logprobs when a KL term is on; and the forward with the other routing (no replay when replay is on), for
-        the |trainer - engine| logprob gaps in `diffs` ([with replay, without]). Without `need_old` (one optimizer
-        step per batch) the training forward itself gives logp_old and the gap of its own routing."""
+        logprobs when a KL term is on; and, when `diagnose`, the forward with the other routing (no replay when
+        replay is on), for the |trainer - engine| logprob gaps in `diffs` ([with replay, without]). Without
+        `need_old` (one optimizer step per batch) the training forward itself gives logp_old and the gap of its own
+        routing."""
         rl = self.rl
         own = 0 if rl.router_replay else 1
         logp_old, logp_ref = [], []
+        if not (need_old or diagnose or self.reference is not None):
+            return [None] * len(all_rows), logp_ref
         for first in range(0, len(all_rows), micro_rows):
             chunk = range(first, min(first + micro_rows, len(all_rows)))
             batch = self._batch([all_rows[i] for i in chunk], [weights[i] for i in chunk])
-            forwards = [(1 - own, self._logprobs(batch, not rl.router_replay))]
+            forwards = [(1 - own, self._logprobs(batch, not rl.router_replay))] if diagnose else []
             if need_old:
                 forwards.append((own, self._logprobs(batch, rl.router_replay)))
                 logp_old += list(forwards[-1][1])

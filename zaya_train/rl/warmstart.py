@@ -25,6 +25,8 @@ Rows are functions of (seed, step, rank), so a resumed run trains on the same ro
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ from zaya_train.rsa import RSAProblem, build_template, population_prompts
 from zaya_train.train.config import ConfigError, RunConfig
 from zaya_train.train.engine import DistInfo
 from zaya_train.train.trainer import MicroBatch, StepResult, StepRunner
+
+log = logging.getLogger("zaya_train")
 
 # Problem indices of the pool start here, far from the plain rows' indices, so the two never share a problem.
 POOL_OFFSET = 1 << 40
@@ -78,6 +82,9 @@ class WarmStartSource:
             question_ids = self.encode(question)
             problems.append(RSAProblem(index, self.bos + question_ids, question_ids, reference))
         policy = load_model(cfg.model.init_from).to(info.device).eval()
+        if info.rank == 0:
+            log.info("warm start: sampling the candidate pool, %d problems x %d candidates", len(problems), n)
+        start = time.perf_counter()
         results = RolloutEngine(policy).generate(
             [p.prompt_ids for p in problems for _ in range(n)], max_new_tokens=cfg.rl.max_new_tokens,
             temperature=cfg.rl.temperature, top_p=cfg.rl.top_p, seed=step_seed(cfg.seed, info.rank, "pool"),
@@ -93,6 +100,9 @@ class WarmStartSource:
             correct += sum(s == 1.0 for s in scores)
             self.pool.append((problem, candidates, [c for c, s in zip(candidates, scores) if s == 1.0]))
         self.stats = {"warmstart/pool_candidates": len(problems) * n, "warmstart/pool_correct": correct}
+        if info.rank == 0:
+            log.info("warm start: pool sampled in %.0f s, %d of %d candidates correct", time.perf_counter() - start,
+                     correct, len(problems) * n)
         if self.prompts.solution(0) is None:
             # Plain rows then need correct pool candidates, on every rank: decide together, fail together.
             solved = torch.tensor([float(any(entry[2] for entry in self.pool))], device=info.device)

@@ -6,7 +6,7 @@
 
 `checkpoint` is a run directory (its latest checkpoint), a trainer checkpoint or an HF `zaya` directory with its
 tokenizer. `eval.data` is `rg:<task>` (a reasoning-gym task generated offline; the default), `nano_chain_sum`
-(the nano recipe's held-out problems), a local jsonl file with `question` and `answer` fields, or
+(the nano task's held-out problems), `nano_chain_sum:validation` (200 other problems no run trains on), a local jsonl file with `question` and `answer` fields, or
 `hub:<name>` (a hub dataset with the same fields; real runs only). Writes `run_dir/rsa_results.json` (one object per
 round, round 0 first), `run_dir/rsa_accuracy.png` (mean and majority accuracy against generated tokens per problem,
 one point per round; every `rsa_results.json` of the sweep is overlaid) and `metrics.jsonl`/wandb rows per round.
@@ -30,6 +30,8 @@ from zaya_train.rsa.metrics import RESULTS_FILE, write_results
 from zaya_train.rsa.template import build_template
 
 PLOT_FILE = "rsa_accuracy.png"
+# The nano task's 200 held-out problems, and 200 validation problems for choosing settings without touching them.
+NANO_SPLITS = ("nano_chain_sum", "nano_chain_sum:validation")
 
 
 def load_problems(data: str, num_problems: int, seed: int) -> tuple[list[tuple[str, Any]], Any]:
@@ -39,10 +41,11 @@ def load_problems(data: str, num_problems: int, seed: int) -> tuple[list[tuple[s
 
         dataset = reasoning_gym.create_dataset(data[3:], size=num_problems, seed=seed)
         return [(entry["question"], entry) for entry in dataset], ReasoningGymVerifier(dataset)
-    if data == "nano_chain_sum":
-        from zaya_train.data import ChainSumConfig, held_out_problems
+    if data in NANO_SPLITS:
+        from zaya_train.data import ChainSumConfig, held_out_problems, validation_problems
 
-        problems = held_out_problems(ChainSumConfig())[:num_problems]
+        split = validation_problems if data == "nano_chain_sum:validation" else held_out_problems
+        problems = split(ChainSumConfig())[:num_problems]
         return [(p.prompt, p.answer) for p in problems], ExactMatchVerifier(answer_marker="A")
     if data.startswith("hub:"):
         import datasets

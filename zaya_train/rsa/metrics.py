@@ -14,8 +14,9 @@ All metrics are averages over problems of a per-problem value:
 - max_prompt_tokens: the longest prompt built in the round, over all problems (a maximum, not a mean);
 - mean_accuracy_ci: a 95% percentile bootstrap interval over problems; majority_accuracy_ci and pass_at_n_ci:
   95% Wilson intervals (zaya_train.rsa.stats);
-- problem_mean_scores: each problem's mean candidate score, in problem order, for paired comparisons between
-  rounds or models evaluated on the same problems (`paired_bootstrap_ci`).
+- problem_mean_scores / problem_majority_scores: each problem's mean candidate score / majority-vote score, in
+  problem order, for paired comparisons between rounds or models evaluated on the same problems
+  (`paired_bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class RoundMetrics:
     majority_accuracy_ci: list[float]
     pass_at_n_ci: list[float]
     problem_mean_scores: list[float]
+    problem_majority_scores: list[float]
 
 
 def majority_score(candidates: Sequence[Candidate]) -> float:
@@ -76,7 +78,8 @@ def round_metrics(
     num_problems = len(population)
     generated = sum(len(c.token_ids) for cands in population for c in cands) / num_problems
     means = [sum(c.score for c in cands) / len(cands) for cands in population]
-    majority = sum(majority_score(cands) for cands in population)
+    majorities = [majority_score(cands) for cands in population]
+    majority = sum(majorities)
     best = sum(max(c.score for c in cands) for cands in population)
     return RoundMetrics(
         round=round_idx,
@@ -90,6 +93,7 @@ def round_metrics(
         majority_accuracy_ci=list(wilson_ci(majority, num_problems)),
         pass_at_n_ci=list(wilson_ci(best, num_problems)),
         problem_mean_scores=means,
+        problem_majority_scores=majorities,
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zaya_train.experiment.config import STAGES, ExperimentConfig, check_seeds, check_stages
 from zaya_train.loading import check_model_source, resolve_checkpoint
 from zaya_train.metrics import WandbConfig
 from zaya_train.model import ZayaConfig, preset
@@ -221,9 +222,10 @@ class EvalConfig:
         _require(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= 0, "eval.top_k", f"must be >= 0, got {self.top_k}")
         _require(self.max_batch_size >= 1, "eval.max_batch_size", f"must be >= 1, got {self.max_batch_size}")
-        special = self.data.startswith(("rg:", "hub:")) or self.data == "nano_chain_sum"
+        special = self.data.startswith(("rg:", "hub:")) or self.data in ("nano_chain_sum", "nano_chain_sum:validation")
         _require(special or Path(self.data).is_file(), "eval.data",
-                 f"must be rg:<task>, nano_chain_sum, hub:<name> or an existing jsonl file, got {self.data!r}")
+                 "must be rg:<task>, nano_chain_sum, nano_chain_sum:validation, hub:<name> or an existing jsonl file, "
+                 f"got {self.data!r}")
 
 
 @dataclass
@@ -244,6 +246,10 @@ class RunConfig:
     rsa: RSAConfig = field(default_factory=RSAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    # recipe=nano (the main job): which stages run, the RL seeds (None: [seed]), the stages' budgets
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    seeds: list[int] | None = None
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     # recipe=export and recipe=eval_rsa: a run directory, a trainer checkpoint (eval_rsa also: an HF directory)
     checkpoint: str | None = None
     out: str | None = None  # recipe=export
@@ -251,6 +257,12 @@ class RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     """Checks across sections (each section checks its own values when built). Raises ConfigError."""
+    if cfg.recipe == "nano":
+        try:
+            check_stages(list(cfg.stages))
+            check_seeds(list(cfg.seeds) if cfg.seeds is not None else [cfg.seed])
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if cfg.recipe in ("export", "eval_rsa"):
         _require(cfg.checkpoint is not None, "checkpoint", f"recipe={cfg.recipe} needs checkpoint=PATH (a run directory or a checkpoint)")
     if cfg.recipe == "eval_rsa":

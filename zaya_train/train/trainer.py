@@ -2,7 +2,7 @@
 the aggregation warm start and RL.
 
     zaya-train recipe=pretrain data.path=corpus.jsonl run_dir=runs/p1 trainer.max_steps=1000
-    torchrun --nproc_per_node=2 -m zaya_train recipe=nano deepspeed.zero_stage=2
+    torchrun --nproc_per_node=2 -m zaya_train recipe=nano_pretrain deepspeed.zero_stage=2
 
 A `BatchSource` decides what one trainer step trains on and how: `PretrainSource` (packed windows, fused
 cross-entropy), `zaya_train.rl.loop.RLSource` (rollouts, policy loss, several optimizer steps per batch),
@@ -378,8 +378,14 @@ def train(
                     record.update(runner.router_metrics)
                 metrics.log(state["step"], last_loss, record)
                 if progress is not None:
+                    # RL sources report a reward per prompt type (reward/plain, reward/round1, ...) and, under a
+                    # compute budget, the share of it used: a step count alone does not say when the run ends.
+                    extra = {k.removeprefix("reward/"): f"{v:.2f}" for k, v in result.metrics.items()
+                             if k.startswith("reward/")}
+                    if "compute/budget_fraction" in result.metrics:
+                        extra["budget"] = f"{100 * result.metrics['compute/budget_fraction']:.0f}%"
                     progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
-                                         tok_s=f"{record['throughput/tokens_per_s']:.0f}")
+                                         tok_s=f"{record['throughput/tokens_per_s']:.0f}", **extra)
                 window_start, window_tokens = time.perf_counter(), 0
             if progress is not None:
                 progress.update(1)
