@@ -7,7 +7,13 @@ import pytest
 
 from zaya_train.cli import compose_run_config
 from zaya_train.data import ChainSumConfig, ChainSumDataset, held_out_problems
-from zaya_train.experiment.pipeline import STAGES_FILE, StageInterrupted, plan, run_main_job
+from zaya_train.experiment.pipeline import (
+    STAGES_FILE,
+    StageInterrupted,
+    interrupted_exit_code,
+    plan,
+    run_main_job,
+)
 from zaya_train.loading import DS_TAG, TRAINER_STATE
 from zaya_train.rl.prompts import prompt_source
 from zaya_train.rl.warmstart import POOL_OFFSET
@@ -63,6 +69,7 @@ def test_stages_run_in_order_from_one_base_and_warm_start_per_seed(tmp_path):
         assert plain.seed == codesign.seed == seed
         assert plain.model.init_from == codesign.model.init_from == str(tmp_path / "warmstart")
         assert plain.rl.max_compute_tokens == codesign.rl.max_compute_tokens == 12345, "equal compute"
+        assert plain.optim.lr == codesign.optim.lr == cfg.experiment.rl_lr
         assert plain.rl.codesign.share == 0 and codesign.rl.codesign.share == 0.5
         assert codesign.rl.codesign.rounds == 2
     evaluations = [c for key, c in configs.items() if key.startswith("eval/")]
@@ -79,16 +86,17 @@ def test_a_subset_runs_in_the_main_jobs_order_and_needs_its_inputs(tmp_path):
     with pytest.raises(ConfigError, match="stages"):
         main_job("stages=[pretrain,finetune]")
     recorder = Recorder()
-    with pytest.raises(ConfigError, match="rl.codesign.sharez"):
-        run_main_job(main_job("experiment.overrides={codesign_rl: [rl.codesign.sharez=0.3]}"), tmp_path / "typo",
+    with pytest.raises(ConfigError, match=r"^rl\.codesign\.sharez: "):
+        run_main_job(main_job("experiment.overrides.codesign_rl=['rl.codesign.sharez=0.3']"), tmp_path / "typo",
                      run_job=recorder)
     assert recorder.keys == [], "a typo in a later stage's overrides stops the job before the first stage"
 
 
 def test_resume_skips_finished_stages_and_continues_the_interrupted_one(tmp_path):
     cfg = main_job("stages=[pretrain,warmstart,plain_rl,codesign_rl]")
-    with pytest.raises(StageInterrupted):
+    with pytest.raises(StageInterrupted) as interrupted:
         run_main_job(cfg, tmp_path, run_job=Recorder(stop_at="warmstart"))
+    assert interrupted_exit_code(interrupted.value) == 128 + 15, "the shell's code for a SIGTERM'd process"
     record = json.loads((tmp_path / STAGES_FILE).read_text())
     assert sorted(record) == ["base", "pretrain"] and all(v["done"] for v in record.values())
     assert record["base"]["command"].startswith("zaya-train recipe=nano_pretrain ")

@@ -102,11 +102,10 @@ def plan(cfg, run_dir: Path) -> list[Job]:
     layout = Layout(run_dir)
     annealed = ex.anneal_steps > 0
     base = layout.base(annealed)
-    extra = {stage: list(values) for stage, values in ex.overrides.items()}
     jobs: list[Job] = []
 
     def add(stage: str, key: str, recipe: str, directory: Path, overrides: list[str]) -> None:
-        jobs.append(Job(stage, key, recipe, directory, tuple(overrides + extra.get(stage, []))))
+        jobs.append(Job(stage, key, recipe, directory, tuple(overrides + ex.overrides.of(stage))))
 
     if "pretrain" in stages:
         pretrain = [*_training_common(cfg), f"seed={cfg.seed}", f"trainer.max_steps={ex.pretrain_steps}"]
@@ -136,7 +135,7 @@ def plan(cfg, run_dir: Path) -> list[Job]:
                 add(arm, f"seed{seed}/{arm}", "rl", layout.arm(seed, arm), [
                     *_training_common(cfg), f"seed={seed}", f"model.init_from={layout.warmstart}",
                     f"rl.max_compute_tokens={ex.rl_compute_tokens}", f"trainer.max_steps={ex.rl_max_steps}",
-                    "rl.diagnostic_interval=10",
+                    f"optim.lr={ex.rl_lr}", "rl.diagnostic_interval=10",
                     *arm_overrides[arm],
                 ])
     if "eval" in stages:
@@ -274,5 +273,6 @@ def _summary(outputs: dict[str, Path], run_dir: Path, record: StageRecord, wall_
 
 
 def interrupted_exit_code(err: StageInterrupted) -> int:
-    name = err.reason.removeprefix("signal ").strip()
-    return 128 + int(getattr(signal.Signals, name, signal.SIGTERM)) if name in signal.Signals.__members__ else 1
+    """128 + the signal's number, as a shell reports a process the signal ended; 1 if another rank got it."""
+    name = err.reason.removeprefix("signal ")
+    return 128 + signal.Signals[name] if name in signal.Signals.__members__ else 1

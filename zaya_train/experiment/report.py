@@ -373,30 +373,37 @@ def write_report(results: dict, run_dir: Path, plot_name: str = "rsa_scaling.png
 
 
 def plot_scaling(results: dict, out: Path) -> Path:
-    """Mean accuracy (95% CI bars; dashed: majority@N) against cumulative generated tokens per problem."""
+    """Mean accuracy (95% CI bars; dashed: majority@N) against cumulative generated tokens per problem, and the
+    same against the round: a model that cannot aggregate spends many more tokens per round, which squeezes the
+    others together on the token axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (by_tokens, by_round) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, entry in results["models"].items():
         rounds = entry["rounds"]
-        cost = [r["cumulative_generated_tokens"] for r in rounds]
         mean = np.array([r["mean_accuracy"] for r in rounds])
         ci = np.array([r["mean_accuracy_ci"] for r in rounds])
-        line = ax.errorbar(cost, mean, yerr=[mean - ci[:, 0], ci[:, 1] - mean], marker="o", capsize=3,
-                           label=LABELS[name])
-        color = line.lines[0].get_color()
-        ax.plot(cost, [r["majority_accuracy"] for r in rounds], linestyle="--", color=color, alpha=0.4)
-        for r, x, y in zip(rounds, cost, mean):
-            ax.annotate(f"t={r['round']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    ax.set_xlabel("generated tokens per problem (cumulative)")
-    ax.set_ylabel("accuracy (solid: mean, dashed: majority@N)")
-    ax.set_title("Markovian RSA: accuracy against compute")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        majority = [r["majority_accuracy"] for r in rounds]
+        for ax, xs in ((by_tokens, [r["cumulative_generated_tokens"] for r in rounds]),
+                       (by_round, [r["round"] for r in rounds])):
+            line = ax.errorbar(xs, mean, yerr=[mean - ci[:, 0], ci[:, 1] - mean], marker="o", capsize=3,
+                               label=LABELS[name])
+            ax.plot(xs, majority, linestyle="--", color=line.lines[0].get_color(), alpha=0.4)
+        for r, x, y in zip(rounds, [r["cumulative_generated_tokens"] for r in rounds], mean):
+            by_tokens.annotate(f"t={r['round']}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    by_tokens.set_xlabel("generated tokens per problem (cumulative)")
+    by_tokens.set_title("Markovian RSA: accuracy against compute")
+    by_round.set_xlabel("RSA round t")
+    by_round.set_title("the same, by round")
+    by_round.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (by_tokens, by_round):
+        ax.set_ylabel("accuracy (solid: mean, dashed: majority@N)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
