@@ -1,10 +1,12 @@
-"""`zaya-train` end to end on tiny budgets: every stage runs, the report, plot and HF export appear, the arms stop
-at the same compute budget, and a second call on the same run directory skips what is finished."""
+"""`zaya-train` end to end on tiny budgets and two RL seeds: every stage runs, the report, plot and HF export appear,
+the arms stop at the same compute budget, and a second call on the same run directory skips what is finished."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from zaya_train.rsa.stats import paired_bootstrap_ci
 
@@ -23,7 +25,7 @@ def zaya_train(*args, cwd):
 
 def test_tiny_main_job_writes_report_plot_and_export_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    out = zaya_train(*TINY, f"run_dir={run_dir}", cwd=tmp_path)
+    out = zaya_train(*TINY, "seeds=[0,1]", f"run_dir={run_dir}", cwd=tmp_path)
     for name in ("report.md", "results.json", "rsa_scaling.png", "stages.json", "export/config.json"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "rsa_scaling.png").read_bytes().startswith(b"\x89PNG")
@@ -39,13 +41,21 @@ def test_tiny_main_job_writes_report_plot_and_export_and_resumes(tmp_path):
     assert primary["ci"] == list(paired_bootstrap_ci(codesign[primary["codesign_round"]]["problem_mean_scores"],
                                                      plain[0]["problem_mean_scores"]))
     assert results["outcome"] in ("gain", "no detectable difference", "loss")
+    # Two RL seeds from one base and warm start: per-seed figures, and pooled ones whose per-problem scores are the
+    # seeds' mean.
+    assert sorted(results["seeds"]) == ["0", "1"]
+    for arm in ("plain_rl", "codesign_rl"):
+        per_seed = [results["seeds"][s]["models"][arm]["rounds"][0]["problem_mean_scores"] for s in ("0", "1")]
+        pooled = results["models"][arm]["rounds"][0]["problem_mean_scores"]
+        assert pooled == [pytest.approx((a + b) / 2) for a, b in zip(*per_seed)]
+    assert results["seeds"]["0"]["models"]["base"] == results["seeds"]["1"]["models"]["base"]
     report = (run_dir / "report.md").read_text()
     assert results["verdict"] in report and "rsa_scaling.png" in report
     export = results["run"]["export"]
     assert export["loaded_with"] == "transformers.AutoModelForCausalLM" and export["path"] in report
     assert "main job finished" in out
 
-    again = zaya_train(*TINY, f"run_dir={run_dir}", "trainer.resume=auto", cwd=tmp_path)
+    again = zaya_train(*TINY, "seeds=[0,1]", f"run_dir={run_dir}", "trainer.resume=auto", cwd=tmp_path)
     stages = json.loads((run_dir / "stages.json").read_text())
     for key in stages:
         assert f"{key}: finished in an earlier run" in again

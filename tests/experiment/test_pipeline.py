@@ -70,6 +70,7 @@ def test_stages_run_in_order_from_one_base_and_warm_start_per_seed(tmp_path):
         assert plain.model.init_from == codesign.model.init_from == str(tmp_path / "warmstart")
         assert plain.rl.max_compute_tokens == codesign.rl.max_compute_tokens == 12345, "equal compute"
         assert plain.optim.lr == codesign.optim.lr == cfg.experiment.rl_lr
+        assert plain.rl.loss_aggregation == codesign.rl.loss_aggregation == "sequence_mean"
         assert plain.rl.codesign.share == 0 and codesign.rl.codesign.share == 0.5
         assert codesign.rl.codesign.rounds == 2
     evaluations = [c for key, c in configs.items() if key.startswith("eval/")]

@@ -62,7 +62,8 @@ def export_and_generate(checkpoint_dir: Path, out: Path) -> dict[str, Any]:
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
     # transformers re-initialises the routers' skip-class bias on load (zaya_train/hf.py): put the trained ones back.
     biases = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if k.endswith("balancing_biases")}
-    model.load_state_dict(biases, strict=False)
+    if unexpected := model.load_state_dict(biases, strict=False).unexpected_keys:
+        raise RuntimeError(f"transformers' model has no {unexpected[0]}: the export's names have drifted")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     problem = held_out_problems(ChainSumConfig())[0]
     prompt_ids = [tokenizer.bos_token_id, *tokenizer(problem.prompt, add_special_tokens=False)["input_ids"]]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from zaya_train.rl.algorithms import AGGREGATION_KINDS
+
 STAGES = ("pretrain", "warmstart", "plain_rl", "codesign_rl", "eval")
 ARMS = ("plain_rl", "codesign_rl")
 EVAL_SPLITS = ("test", "validation")
@@ -64,7 +66,10 @@ class ExperimentConfig:
     """A cap on RL steps behind the compute budget."""
     rl_lr: float = 3.0e-5
     """Both arms' peak lr. rl=nano's 1e-4 lowered this base's round-0 accuracy in both arms (co-design: -11
-    points); 3e-5 was chosen on the validation split (README, "What it found")."""
+    points); 3e-5 was chosen on the validation split (README, "Levers")."""
+    rl_loss_aggregation: str = "sequence_mean"
+    """Both arms' loss normalisation (rl.loss_aggregation). Per-sequence means (GRPO's) weigh a 5-token
+    aggregation answer like a 60-token solution; chosen over token_mean on the validation split."""
     plain_problems_per_step: int = 16
     """Problems per step of the plain arm (G samples each)."""
     codesign_problems_per_step: int = 8
@@ -89,6 +94,8 @@ class ExperimentConfig:
             _require(getattr(self, key) > 0, f"experiment.{key}", f"must be > 0, got {getattr(self, key)}")
         _require(0 < self.codesign_share < 1, "experiment.codesign_share",
                  f"must be in (0, 1) (a share of plain and of aggregation prompts), got {self.codesign_share}")
+        _require(self.rl_loss_aggregation in AGGREGATION_KINDS, "experiment.rl_loss_aggregation",
+                 f"must be one of {AGGREGATION_KINDS}, got {self.rl_loss_aggregation!r}")
         _require(self.codesign_rounds >= 1, "experiment.codesign_rounds", f"must be >= 1, got {self.codesign_rounds}")
         _require(self.eval_problems <= 200, "experiment.eval_problems",
                  f"the nano task holds out 200 problems, got {self.eval_problems}")

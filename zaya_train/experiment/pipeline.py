@@ -135,7 +135,8 @@ def plan(cfg, run_dir: Path) -> list[Job]:
                 add(arm, f"seed{seed}/{arm}", "rl", layout.arm(seed, arm), [
                     *_training_common(cfg), f"seed={seed}", f"model.init_from={layout.warmstart}",
                     f"rl.max_compute_tokens={ex.rl_compute_tokens}", f"trainer.max_steps={ex.rl_max_steps}",
-                    f"optim.lr={ex.rl_lr}", "rl.diagnostic_interval=10",
+                    f"optim.lr={ex.rl_lr}", f"rl.loss_aggregation={ex.rl_loss_aggregation}",
+                    "rl.diagnostic_interval=10",
                     *arm_overrides[arm],
                 ])
     if "eval" in stages:
