@@ -155,7 +155,8 @@ def plan(cfg, run_dir: Path) -> list[Job]:
 
 
 def _checkpoint_source(job: Job) -> Path | None:
-    for value in job.overrides:
+    """The model a job starts from or evaluates: the last value given, as Hydra applies overrides in order."""
+    for value in reversed(job.overrides):
         key, _, path = value.partition("=")
         if key in ("model.init_from", "checkpoint"):
             return Path(path)
