@@ -1,7 +1,7 @@
 """`ExperimentConfig`: the main job's budgets (`experiment.*`), and its stage names.
 
     zaya-train experiment.rl_compute_tokens=1000000 experiment.eval_problems=100
-    zaya-train experiment.overrides.codesign_rl="[rl.loss_aggregation=sequence_mean]"
+    zaya-train "experiment.overrides.codesign_rl=['rl.codesign.share=0.25','optim.lr=1e-4']"
 
 Each stage runs its own recipe (`nano_pretrain`, `warmstart`, `rl`, `eval_rsa`) with these budgets; any other key
 of a stage's recipe is set through `experiment.overrides.<stage>`.
@@ -29,8 +29,8 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 @dataclass
 class StageOverrides:
-    """`key=value` overrides of each stage's recipe, quoted on a command line:
-    `experiment.overrides.codesign_rl="[rl.loss_aggregation=sequence_mean,optim.lr=3e-5]"`."""
+    """`key=value` overrides of each stage's recipe, each quoted inside the list (Hydra's grammar):
+    `"experiment.overrides.codesign_rl=['rl.codesign.share=0.25','optim.lr=1e-4']"`."""
 
     pretrain: list[str] = field(default_factory=list)
     """Both pretraining runs (recipe=nano_pretrain)."""
