@@ -17,6 +17,7 @@ before anything is built, with one line naming the key and exit code 2.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -147,16 +148,10 @@ def _task(cfg: DictConfig) -> None:
     if run_cfg.recipe == "nano":
         _main_job(run_cfg, run_dir)
         return
-    from zaya_train.train.trainer import TrainingDiverged, train
+    from zaya_train.train.trainer import train
 
-    try:
+    with _run_errors():
         summary = train(run_cfg, run_dir, source_factory=source_factory(run_cfg.recipe))
-    except ConfigError as err:
-        print(f"zaya-train: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    except TrainingDiverged as err:
-        print(f"zaya-train: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from err
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
@@ -179,19 +174,28 @@ def source_factory(recipe: str):
     return PretrainSource
 
 
-def _main_job(run_cfg, run_dir: Path) -> None:
-    from zaya_train.experiment.pipeline import StageInterrupted, interrupted_exit_code, run_main_job
+@contextlib.contextmanager
+def _run_errors():
+    """A config mistake found while running exits 2, a diverged run 1, each with one line on stderr."""
     from zaya_train.train.config import ConfigError
     from zaya_train.train.trainer import TrainingDiverged
 
     try:
-        run_main_job(run_cfg, run_dir)
+        yield
     except ConfigError as err:
         print(f"zaya-train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     except TrainingDiverged as err:
         print(f"zaya-train: error: {err}", file=sys.stderr)
         raise SystemExit(1) from err
+
+
+def _main_job(run_cfg, run_dir: Path) -> None:
+    from zaya_train.experiment.pipeline import StageInterrupted, interrupted_exit_code, run_main_job
+
+    try:
+        with _run_errors():
+            run_main_job(run_cfg, run_dir)
     except StageInterrupted as err:
         print(f"zaya-train: {err}; continue with: zaya-train trainer.resume=auto run_dir={run_dir}", file=sys.stderr)
         raise SystemExit(interrupted_exit_code(err)) from err
