@@ -126,16 +126,15 @@ def patch_rl(source_class, report: dict) -> None:
             def score(self, completion: str, reference) -> float:
                 return completion.count(digit) / max(len(completion), 1)
 
-        make_source = prompts.prompt_source
-        prompts_module_source = prompts.PromptSource
-
-        def with_digit_reward(data, seed):
-            source = make_source(data, seed)
-            return prompts_module_source(source.rows, DigitShare(), source.seed, source.shuffle_rows)
-
         from zaya_train.rl import loop
 
-        loop.prompt_source = with_digit_reward
+        make_source = loop.environment_source
+
+        def with_digit_reward(rl, seed):
+            source = make_source(rl, seed)
+            return prompts.PromptSource(source.rows, DigitShare(), source.seed, source.shuffle_rows)
+
+        loop.environment_source = with_digit_reward
     if os.environ.get("ZAYA_TEST_CHECK_SYNC"):
         finish = source_class.finish
 

@@ -14,6 +14,10 @@ from pathlib import Path
 from zaya_train.rl.algorithms import ADVANTAGE_KINDS, AGGREGATION_KINDS, TRUST_REGIONS
 
 CODESIGN_SOURCES = ("self", "expert", "mixed")
+# rl.data forms backed by a file: the prefix, then the path.
+FILE_DATA_PREFIXES = ("code:", "codeio_output:", "codeio_input:", "behaviour:")
+DATA_FORMS = ("nano_chain_sum, rlve, rg:<task>, hub:<name>, code:<jsonl>, codeio_output:<jsonl>, codeio_input:<jsonl>, "
+              "behaviour:<jsonl> or a question/answer jsonl")
 
 
 class RLConfigError(ValueError):
@@ -23,6 +27,106 @@ class RLConfigError(ValueError):
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise RLConfigError(f"{key}: {message}")
+
+
+def _require_data(data: str, key: str) -> None:
+    if data in ("nano_chain_sum", "rlve") or data.startswith(("rg:", "hub:")):
+        return
+    path = data.split(":", 1)[1] if data.startswith(FILE_DATA_PREFIXES) else data
+    _require(Path(path).is_file(), key, f"must be one of {DATA_FORMS}; no such file: {path!r}")
+
+
+@dataclass
+class EnvironmentConfig:
+    """One environment of a mixed batch: its problems come from `data` (any form of `rl.data`)."""
+
+    name: str = "main"
+    """The environment's name in the metrics (reward/env/<name>, outcomes/<name>/<outcome>)."""
+    data: str = "nano_chain_sum"
+    share: float = 1.0
+    """Relative share of the step's plain problems (normalised over the environments)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "rl.environments.name",
+                 f"must be a non-empty name without '/', got {self.name!r}")
+        _require(self.share > 0, "rl.environments.share", f"must be > 0, got {self.share}")
+        _require_data(self.data, f"rl.environments.{self.name}.data")
+
+
+@dataclass
+class CurriculumConfig:
+    """rl.data=rlve: the RLVE adaptive curriculum over reasoning-gym tasks (zaya_train.rl.curriculum)."""
+
+    environments: list[str] = field(default_factory=list)
+    """reasoning-gym task names with curricula; empty: the default list of zaya_train.rl.curriculum."""
+    start_difficulty: int = 0
+    up_threshold: float = 0.7
+    """A group solve rate above this at the current difficulty raises it by one; a rate of 0 lowers it."""
+    instruction: str = ""
+    """Appended to every question (e.g. how to format the final answer)."""
+
+    def __post_init__(self) -> None:
+        _require(self.start_difficulty >= 0, "rl.curriculum.start_difficulty", f"must be >= 0, got {self.start_difficulty}")
+        _require(0 <= self.up_threshold < 1, "rl.curriculum.up_threshold", f"must be in [0, 1), got {self.up_threshold}")
+
+
+@dataclass
+class FilterConfig:
+    """Drop problems the starting policy already solves (ZAYA1 re-filters every stage's data with the policy it
+    starts from): before the first step, `samples` samples of each of the source's first `pool` problems."""
+
+    pass_rate: float | None = None
+    """Problems solved at this rate or more are dropped; None: no filtering."""
+    samples: int = 4
+    pool: int = 256
+    """Problems examined (all rows of a smaller file); training then cycles over the kept ones."""
+    max_new_tokens: int | None = None
+    """Response budget of the filtering samples; None: rl.max_new_tokens."""
+
+    def __post_init__(self) -> None:
+        _require(self.pass_rate is None or 0 < self.pass_rate <= 1, "rl.filter.pass_rate",
+                 f"must be in (0, 1] or null, got {self.pass_rate}")
+        _require(self.samples >= 1, "rl.filter.samples", f"must be >= 1, got {self.samples}")
+        _require(self.pool >= 1, "rl.filter.pool", f"must be >= 1, got {self.pool}")
+        _require(self.max_new_tokens is None or self.max_new_tokens >= 1, "rl.filter.max_new_tokens",
+                 f"must be >= 1 or null, got {self.max_new_tokens}")
+
+
+@dataclass
+class CodeRewardConfig:
+    """Sandboxed execution of code completions (code:, codeio_input: data; zaya_train.rewards.CodeVerifier)."""
+
+    time_limit_s: float = 5.0
+    memory_mb: int = 512
+    max_output_bytes: int = 1 << 20
+    max_workers: int = 4
+    allow_unisolated: bool = False
+    """Run programs without namespaces when the sandbox cannot isolate them (rlimits and a temporary directory
+    only): for machines without user namespaces, on trusted models only."""
+
+    def __post_init__(self) -> None:
+        _require(self.time_limit_s > 0, "rl.code.time_limit_s", f"must be > 0, got {self.time_limit_s}")
+        _require(self.memory_mb >= 16, "rl.code.memory_mb", f"must be >= 16, got {self.memory_mb}")
+        _require(self.max_output_bytes >= 1, "rl.code.max_output_bytes", f"must be >= 1, got {self.max_output_bytes}")
+        _require(self.max_workers >= 1, "rl.code.max_workers", f"must be >= 1, got {self.max_workers}")
+
+
+@dataclass
+class RewardModelConfig:
+    """behaviour: data: a sequence-classification reward model, gated by the prompts' instruction constraints."""
+
+    path: str | None = None
+    """A local AutoModelForSequenceClassification directory (with its tokenizer)."""
+    batch_size: int = 16
+    max_length: int = 4096
+    fail_reward: float = 0.0
+    """The reward of a response that breaks one of its prompt's constraints."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "rl.reward_model.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.max_length >= 8, "rl.reward_model.max_length", f"must be >= 8, got {self.max_length}")
+        _require(self.path is None or Path(self.path).is_dir(), "rl.reward_model.path",
+                 f"no such directory: {self.path}")
 
 
 @dataclass
@@ -120,7 +224,11 @@ class RLConfig:
     """The RL loop (zaya_train.rl.loop): rollouts from `data`, verifier rewards, the ZAYA1 loss spine."""
 
     data: str = "nano_chain_sum"
-    """nano_chain_sum | rg:<reasoning-gym task> | a local jsonl of question/answer | hub:<dataset name>."""
+    """nano_chain_sum | rlve (rl.curriculum) | rg:<reasoning-gym task> | hub:<dataset name> | code:<jsonl> |
+    codeio_output:<jsonl> | codeio_input:<jsonl> | behaviour:<jsonl> | a local jsonl of question/answer.
+    Ignored when `environments` is set."""
+    environments: list[EnvironmentConfig] = field(default_factory=list)
+    """A mixed batch: each problem drawn from one environment with probability proportional to its share."""
     prompts_per_step: int = 8
     """Plain problems per step, over all ranks (a multiple of the world size)."""
     group_size: int = 8
@@ -170,6 +278,10 @@ class RLConfig:
     decoded + trained tokens, counted by the run) at or past this budget; None: trainer.max_steps alone."""
     codesign: CodesignConfig = field(default_factory=CodesignConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    code: CodeRewardConfig = field(default_factory=CodeRewardConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
     def __post_init__(self) -> None:
         positive = ("prompts_per_step", "minibatches", "epochs", "max_prompt_tokens",
@@ -193,6 +305,23 @@ class RLConfig:
         _require(self.max_batch_size is None or self.max_batch_size >= 1, "rl.max_batch_size", "must be >= 1")
         _require(self.max_compute_tokens is None or self.max_compute_tokens >= 1, "rl.max_compute_tokens",
                  f"must be >= 1 or null, got {self.max_compute_tokens}")
-        special = self.data.startswith(("rg:", "hub:")) or self.data == "nano_chain_sum"
-        _require(special or Path(self.data).is_file(), "rl.data",
-                 f"must be nano_chain_sum, rg:<task>, hub:<name> or an existing jsonl file, got {self.data!r}")
+        if not self.environments:
+            _require_data(self.data, "rl.data")
+        names = [env.name for env in self.environments]
+        _require(len(set(names)) == len(names), "rl.environments", f"names must be unique, got {names}")
+        datas = [env.data for env in self.environments] or [self.data]
+        if any(d.startswith("behaviour:") for d in datas):
+            _require(self.reward_model.path is not None, "rl.reward_model.path",
+                     "behaviour: data needs a reward model directory")
+        _require(datas.count("rlve") <= 1, "rl.environments", "at most one environment can be the rlve curriculum")
+        if self.filter.pass_rate is not None:
+            _require("rlve" not in datas, "rl.filter.pass_rate",
+                     "the rlve curriculum adapts to the policy itself; filtering its problems is not supported")
+
+    def environment_list(self) -> list[EnvironmentConfig]:
+        """The configured environments; a single `data` is one environment named after its form."""
+        if self.environments:
+            return list(self.environments)
+        prefix, _, rest = self.data.partition(":")
+        name = rest if prefix == "rg" else prefix if rest else "jsonl" if self.data.endswith(".jsonl") else self.data
+        return [EnvironmentConfig(name=name, data=self.data)]

@@ -43,7 +43,8 @@ from zaya_train.data import IGNORE_INDEX, load_tokenizer
 from zaya_train.loading import load_model, tokenizer_dir
 from zaya_train.model import ZayaForCausalLM
 from zaya_train.rl import algorithms
-from zaya_train.rl.prompts import prompt_source
+from zaya_train.rl.environments import FilteredSource, adaptive_sources, environment_source
+from zaya_train.rl.filtering import filter_solved
 from zaya_train.rl.rollouts import (
     Group,
     RolloutCollector,
@@ -56,7 +57,7 @@ from zaya_train.rollout import RolloutEngine
 from zaya_train.rsa import Trajectory
 from zaya_train.train.config import ConfigError, RunConfig
 from zaya_train.train.engine import DistInfo
-from zaya_train.train.trainer import MicroBatch, StepResult, StepRunner, reduce_over_ranks
+from zaya_train.train.trainer import MicroBatch, StepResult, StepRunner, reduce_named, reduce_over_ranks
 
 log = logging.getLogger("zaya_train")
 
@@ -141,10 +142,15 @@ class RLSource:
     exhausted_reason = "compute_budget"
 
     def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo) -> None:
-        self.cfg, self.rl, self.info = cfg, cfg.rl, info
+        self.cfg, self.rl, self.info, self.run_dir = cfg, cfg.rl, info, run_dir
         self.tokenizer = policy_tokenizer(cfg, run_dir, info)
         self.stats: dict[str, int] = {}
-        self.prompts = prompt_source(self.rl.data, cfg.seed)
+        try:
+            self.prompts = environment_source(self.rl, cfg.seed)
+        except ValueError as err:
+            raise ConfigError(f"rl.data: {err}") from err
+        self.curricula = adaptive_sources(self.prompts)
+        self.filtered: dict[str, Any] | None = None
         rounds = len(self.rl.codesign.problems_per_round(self.rl.prompts_per_step))
         self.kinds = ["plain"] + [kind_name(t) for t in range(1, rounds + 1)]
         self.state: dict[str, Any] = {
@@ -162,15 +168,26 @@ class RLSource:
                                               self.cfg.seed, info.rank, info.world_size)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        if self.rl.filter.pass_rate is not None:
+            self.filtered = filter_solved(self.collector, self.rl, self.cfg.seed, self.run_dir, info.rank,
+                                          info.world_size)
+            if not self.filtered["kept"]:
+                raise ConfigError(f"rl.filter.pass_rate: the starting policy solves every one of the "
+                                  f"{self.filtered['examined']} problems examined at a rate >= {self.rl.filter.pass_rate}"
+                                  "; raise rl.filter.pass_rate or rl.filter.pool")
+            self.collector.source = FilteredSource(self.prompts, self.filtered["kept"])
         self.reference = None
         if self.rl.kl_coef > 0:
             self.reference = load_model(self.cfg.model.init_from).to(info.device).eval()
             self.reference.requires_grad_(False)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.state
+        return {**self.state, "curricula": [c.state_dict() for c in self.curricula]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        for curriculum, saved in zip(self.curricula, state.pop("curricula", [])):
+            curriculum.load_state_dict(saved)
         self.state = state
 
     def finish(self, engine, step: int, loss: float, metrics, info: DistInfo) -> None:
@@ -248,10 +265,12 @@ class RLSource:
         rollouts = self.collector.collect(step)
         generate_s = time.perf_counter() - start - rollouts.reward_s
 
-        totals = rollout_totals(rollouts, self.kinds)
-        names = sorted(totals)
-        reduced = dict(zip(names, reduce_over_ranks([float(totals[k]) for k in names], device)))
+        reduced = reduce_named(rollout_totals(rollouts, self.kinds), device)
         metrics = rollout_metrics(reduced, self.kinds)
+        metrics.update(self._curriculum_step(rollouts))
+        if self.filtered is not None:
+            metrics.update({f"prompts/filter_{k}": len(self.filtered["kept"]) if k == "kept" else self.filtered[k]
+                            for k in ("examined", "dropped", "kept")})
         # The length bonus' p* is the running maximum of each prompt type's solve rate over whole steps (all ranks).
         for kind in self.kinds:
             if reduced[f"count/{kind}"]:
@@ -261,6 +280,8 @@ class RLSource:
         train_start = time.perf_counter()
         (most_rows,) = reduce_over_ranks([len(rows)], device, dist.ReduceOp.MAX)
         diffs, fractions, losses, skipped, tokens = [0.0, 0.0], [0.0] * 4, [], False, 0
+        if most_rows == 0 and self.info.rank == 0:
+            log.info("step %d: dynamic sampling dropped every group (equal rewards within each); no update", step)
         if most_rows > 0:  # no group kept anywhere: no optimizer step (a zero-gradient step still moves AdamW)
             # The same number of micro-batches on every rank (DeepSpeed's collectives count them): a rank with fewer
             # rows than another runs zero-weight rows.
@@ -325,6 +346,26 @@ class RLSource:
         finite = [x for x in losses if math.isfinite(x)]
         loss = sum(finite) / len(finite) if finite else float("nan")
         return StepResult(loss, tokens, skipped, metrics)
+
+    def _curriculum_step(self, rollouts) -> dict[str, float]:
+        """Every rank's plain-group results, in rank order, update each curriculum identically on every rank."""
+        if not self.curricula:
+            return {}
+        results = []
+        for group in rollouts.groups:
+            reference = getattr(group.problem.reference, "reference", group.problem.reference)
+            if group.kind == "plain" and isinstance(reference, dict) and "rlve_env" in reference:
+                solved = sum(r >= 1.0 for r in group.rewards) / len(group.rewards)
+                results.append((reference["rlve_env"], int(reference["rlve_difficulty"]), solved))
+        if self.info.world_size > 1:
+            gathered: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(gathered, results)
+            results = [r for part in gathered for r in part]
+        metrics: dict[str, float] = {}
+        for curriculum in self.curricula:
+            curriculum.observe(results)
+            metrics.update(curriculum.metrics())
+        return metrics
 
     @torch.no_grad()
     def _recompute(self, all_rows, weights, micro_rows: int, diffs: list[float], need_old: bool, diagnose: bool):

@@ -32,6 +32,7 @@ import torch
 
 from zaya_train.rl.algorithms import degenerate_mask, dynamic_sampling_filter
 from zaya_train.rl.config import RLConfig
+from zaya_train.rl.environments import environment_of, score_completions
 from zaya_train.rl.prompts import PromptSource, qa_rows, read_jsonl
 from zaya_train.rsa import RSAConfig, RSAProblem, Trajectory, build_template, population_prompts
 from zaya_train.rsa.core import stable_hash64
@@ -54,6 +55,9 @@ class Group:
     problem: RSAProblem
     trajectories: list[Trajectory]
     kept: bool = True
+    environment: str = "main"
+    outcomes: list[str | None] = field(default_factory=list)
+    """Per trajectory, what the verifier reported beside the reward (a sandbox outcome), when it does."""
 
     @property
     def rewards(self) -> list[float]:
@@ -129,14 +133,23 @@ class RolloutCollector:
 
     def _score(self, groups: list[Group], out: StepRollouts) -> None:
         start = time.perf_counter()
-        trajectories = [t for g in groups for t in g.trajectories]
-        degenerate = degenerate_mask([t.token_ids for t in trajectories]).tolist() if self.rl.canary else None
-        for i, (group, t) in enumerate((g, t) for g in groups for t in g.trajectories):
-            if degenerate is not None and degenerate[i]:
+        pairs = [(g, t) for g in groups for t in g.trajectories]
+        degenerate = degenerate_mask([t.token_ids for _, t in pairs]).tolist() if self.rl.canary else [False] * len(pairs)
+        scored_at = [i for i, d in enumerate(degenerate) if not d]
+        # One call for the whole round: code runs in a pool of sandboxes, reward models score in batches.
+        scored = dict(zip(scored_at, score_completions(
+            self.source.verifier, [self.decode(pairs[i][1].token_ids) for i in scored_at],
+            [pairs[i][0].problem.reference for i in scored_at])))
+        for group in groups:
+            group.outcomes = []
+        for i, (group, t) in enumerate(pairs):
+            if degenerate[i]:
                 t.reward = 0.0
                 out.degenerate += 1
+                group.outcomes.append("degenerate")
             else:
-                t.reward = float(self.source.verifier.score(self.decode(t.token_ids), group.problem.reference))
+                t.reward = float(scored[i].reward)
+                group.outcomes.append(scored[i].outcome)
         if self.rl.dynamic_sampling and groups:
             kept = dynamic_sampling_filter(torch.tensor([g.rewards for g in groups])).keep_N.tolist()
             for group, keep in zip(groups, kept):
@@ -151,7 +164,7 @@ class RolloutCollector:
         results = self._generate(prompts, self.rl.max_new_tokens, seed, out)
         groups = [
             Group("plain", p, [Trajectory.from_rollout(p.problem_id, 0, p.prompt_ids, r)
-                               for r in results[i * g:(i + 1) * g]])
+                               for r in results[i * g:(i + 1) * g]], environment=environment_of(self.source, p.problem_id))
             for i, p in enumerate(problems)
         ]
         out.generated["plain"] += len(prompts)
@@ -200,8 +213,10 @@ class RolloutCollector:
         # Round-1 populations: this step's own plain samples, expert candidates, or half each.
         k1 = self.round_counts[0]
         num_expert = {"self": 0, "expert": k1, "mixed": k1 // 2}[self.rl.codesign.source]
-        populations = [(g.problem, [t.token_ids for t in g.trajectories]) for g in plain[: k1 - num_expert]]
-        populations += self._expert_populations(step, num_expert) if num_expert else []
+        populations = [(g.problem, [t.token_ids for t in g.trajectories], g.environment)
+                       for g in plain[: k1 - num_expert]]
+        populations += [(problem, candidates, "expert")
+                        for problem, candidates in (self._expert_populations(step, num_expert) if num_expert else [])]
         for round_idx, count in enumerate(self.round_counts, start=1):
             populations = populations[:count]
             if not populations:
@@ -210,7 +225,7 @@ class RolloutCollector:
             built = [
                 population_prompts(problem, population, round_idx, self.rl.group_size, self.rsa, self.template,
                                    seed=seed, bos_ids=self.bos)
-                for problem, population in populations
+                for problem, population, _ in populations
             ]
             prompts = [p.prompt_ids for per_problem in built for p in per_problem]
             results = self._generate(prompts, self.rl.codesign.max_new_tokens, seed, out)
@@ -219,13 +234,13 @@ class RolloutCollector:
                 Group(kind_name(round_idx), problem, [
                     Trajectory.from_rollout(problem.problem_id, round_idx, p.prompt_ids, r, p.parents)
                     for p, r in zip(per_problem, results[i * g:(i + 1) * g])
-                ])
-                for i, ((problem, _), per_problem) in enumerate(zip(populations, built))
+                ], environment=environment)
+                for i, ((problem, _, environment), per_problem) in enumerate(zip(populations, built))
             ]
             out.generated[kind_name(round_idx)] += len(prompts)
             self._score(groups, out)
             out.groups += groups
-            populations = [(grp.problem, [t.token_ids for t in grp.trajectories]) for grp in groups]
+            populations = [(grp.problem, [t.token_ids for t in grp.trajectories], grp.environment) for grp in groups]
         return out
 
 
@@ -239,6 +254,13 @@ def rollout_totals(rollouts: StepRollouts, kinds: list[str]) -> dict[str, float]
         totals[f"count/{kind}"] = sum(len(g.trajectories) for g in groups)
         totals[f"samples/generated/{kind}"] = rollouts.generated[kind]
         totals[f"samples/trained/{kind}"] = sum(len(g.trajectories) for g in groups if g.kept)
+    for group in rollouts.groups:
+        env = group.environment
+        for key, value in ((f"env_reward_sum/{env}", sum(group.rewards)), (f"env_count/{env}", len(group.rewards))):
+            totals[key] = totals.get(key, 0.0) + value
+        for outcome in group.outcomes:
+            if outcome is not None:
+                totals[f"outcomes/{env}/{outcome}"] = totals.get(f"outcomes/{env}/{outcome}", 0.0) + 1
     plain = [g for g in rollouts.groups if g.kind == "plain"]
     totals["solved_groups"] = sum(max(g.rewards) > 0 for g in plain)
     totals["plain_groups"] = len(plain)
@@ -263,6 +285,12 @@ def rollout_metrics(totals: dict[str, float], kinds: list[str]) -> dict[str, flo
         metrics[f"samples/dropped/{kind}"] = int(generated - trained)
     for name in ("generated", "trained", "dropped"):
         metrics[f"samples/{name}"] = sum(metrics[f"samples/{name}/{kind}"] for kind in kinds)
+    for key, value in totals.items():
+        if key.startswith("env_reward_sum/"):
+            env = key.removeprefix("env_reward_sum/")
+            metrics[f"reward/env/{env}"] = ratio(value, totals[f"env_count/{env}"])
+        elif key.startswith("outcomes/"):
+            metrics[key] = int(value)
     metrics["solve_rate"] = ratio(totals["solved_groups"], totals["plain_groups"])
     metrics["samples/degenerate"] = int(totals["samples/degenerate"])
     metrics["prompts/skipped_too_long"] = int(totals["prompts/skipped_too_long"])

@@ -93,6 +93,17 @@ def reduce_over_ranks(values: list[float], device: torch.device, op=dist.ReduceO
     return tensor.tolist()
 
 
+def reduce_named(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sums of named per-step numbers over ranks, when ranks may hold different names (an environment or an
+    outcome one rank did not see this step counts 0 there)."""
+    if not _distributed():
+        return dict(values)
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(values))
+    names = sorted(set().union(*gathered))
+    return dict(zip(names, reduce_over_ranks([float(values.get(n, 0.0)) for n in names], device)))
+
+
 def _weights_finite(engine) -> bool:
     local = all(bool(torch.isfinite(p.detach()).all()) for p in engine.module.parameters() if p.numel() > 0)
     return not _any_rank(not local, next(engine.module.parameters()).device)
