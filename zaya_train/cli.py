@@ -191,7 +191,8 @@ def _run_errors():
 
 
 def _main_job(run_cfg, run_dir: Path) -> None:
-    from zaya_train.experiment.pipeline import StageInterrupted, interrupted_exit_code, run_main_job
+    from zaya_train.experiment.pipeline import run_main_job
+    from zaya_train.jobs import StageInterrupted, interrupted_exit_code
 
     try:
         with _run_errors():

@@ -7,13 +7,8 @@ import pytest
 
 from zaya_train.cli import compose_run_config
 from zaya_train.data import ChainSumConfig, ChainSumDataset, held_out_problems
-from zaya_train.experiment.pipeline import (
-    STAGES_FILE,
-    StageInterrupted,
-    interrupted_exit_code,
-    plan,
-    run_main_job,
-)
+from zaya_train.experiment.pipeline import plan, run_main_job
+from zaya_train.jobs import STAGES_FILE, StageInterrupted, interrupted_exit_code
 from zaya_train.loading import DS_TAG, TRAINER_STATE
 from zaya_train.rl.prompts import prompt_source
 from zaya_train.rl.warmstart import POOL_OFFSET

@@ -20,11 +20,6 @@ Every stage prints the `zaya-train` command that reruns it alone.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shlex
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,35 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from zaya_train.experiment.config import ARMS, check_seeds, check_stages
-from zaya_train.loading import latest_checkpoint
+from zaya_train.jobs import Job, banner, print_summary, run_job, run_jobs
 
-log = logging.getLogger("zaya_train")
-
-STAGES_FILE = "stages.json"
 EXPORT_DIR = "export"
-
-
-class StageInterrupted(RuntimeError):
-    """A stage stopped on a signal, after writing a checkpoint; `trainer.resume=auto` continues it."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"stage {key} stopped ({reason})")
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Job:
-    """One recipe run of a stage: `key` names it in stages.json, `directory` holds its outputs."""
-
-    stage: str
-    key: str
-    recipe: str
-    directory: Path
-    overrides: tuple[str, ...]
-
-    def command(self) -> str:
-        args = [f"recipe={self.recipe}", *self.overrides, f"run_dir={self.directory}"]
-        return "zaya-train " + " ".join(shlex.quote(a) for a in args)
 
 
 @dataclass(frozen=True)
@@ -154,127 +123,18 @@ def plan(cfg, run_dir: Path) -> list[Job]:
     return jobs
 
 
-def _checkpoint_source(job: Job) -> Path | None:
-    """The model a job starts from or evaluates: the last value given, as Hydra applies overrides in order."""
-    for value in reversed(job.overrides):
-        key, _, path = value.partition("=")
-        if key in ("model.init_from", "checkpoint"):
-            return Path(path)
-    return None
-
-
-class StageRecord:
-    """`run_dir/stages.json`: finished jobs with their wall time and summary, rewritten after each job."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / STAGES_FILE
-        self.jobs: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def done(self, key: str) -> bool:
-        return self.jobs.get(key, {}).get("done", False)
-
-    def finish(self, job: Job, wall_s: float, summary: dict[str, Any]) -> None:
-        self.jobs[job.key] = {"done": True, "stage": job.stage, "wall_s": round(wall_s, 1),
-                              "directory": str(job.directory), "command": job.command(), **summary}
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.jobs, indent=2) + "\n")
-        os.replace(tmp, self.path)
-
-
-def _banner(text: str) -> None:
-    line = "=" * min(100, max(60, len(text) + 4))
-    print(f"\n{line}\n  {text}\n{line}", flush=True)
-
-
-def run_job(job: Job) -> dict[str, Any]:
-    """Runs one recipe in this process; returns a JSON-able summary. Raises StageInterrupted on a signal."""
-    from zaya_train.cli import compose_run_config
-
-    cfg = compose_run_config(job.recipe, [*job.overrides, f"run_dir={job.directory}"])
-    if job.recipe == "eval_rsa":
-        from zaya_train.rsa.harness import run_eval
-
-        rounds = run_eval(cfg, job.directory)["rounds"]
-        accuracies = ", ".join(f"round {r['round']} {r['mean_accuracy']:.3f}" for r in rounds)
-        print(f"{job.key}: Markovian RSA mean accuracy {accuracies}", flush=True)
-        return {"mean_accuracy": [r["mean_accuracy"] for r in rounds]}
-    from zaya_train.cli import source_factory
-    from zaya_train.train.trainer import train
-
-    summary = train(cfg, job.directory, source_factory=source_factory(job.recipe))
-    if summary["reason"].startswith("signal"):
-        raise StageInterrupted(job.key, summary["reason"])
-    return summary
-
-
 def run_main_job(cfg, run_dir: Path, run_job: Callable[[Job], dict[str, Any]] = run_job) -> dict[str, Path]:
     """Runs the configured stages (skipping finished ones under trainer.resume=auto), then writes the report
     when `eval` is among them. Returns the artifacts' paths."""
-    from zaya_train.train.config import ConfigError
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = StageRecord(run_dir)
-    if cfg.trainer.resume == "none" and record.jobs:
-        raise ConfigError(f"trainer.resume: {run_dir} already holds a main job ({STAGES_FILE}); continue it with "
-                          "trainer.resume=auto or choose a new run_dir")
-    if cfg.trainer.resume not in ("auto", "none"):
-        raise ConfigError("trainer.resume: the main job resumes its own stages: auto (skip finished stages, resume "
-                          f"the interrupted one) or none, got {cfg.trainer.resume!r}")
-    jobs = plan(cfg, run_dir)
-    _check_inputs(jobs)
-    from zaya_train.cli import compose_run_config
-
-    for job in jobs:  # a typo in experiment.overrides fails now, not after the stages before it
-        compose_run_config(job.recipe, [*job.overrides, f"run_dir={job.directory}"], build=False)
     started = time.perf_counter()
-    pending = [job for job in jobs if not (cfg.trainer.resume == "auto" and record.done(job.key))]
-    for job in jobs:
-        if job not in pending:
-            print(f"{job.key}: finished in an earlier run ({job.directory}), skipped", flush=True)
-    for index, job in enumerate(pending, 1):
-        source = _checkpoint_source(job)
-        if job.recipe == "eval_rsa" and (source is None or latest_checkpoint(source) is None):
-            print(f"{job.key}: no model in {source}; not evaluated", flush=True)
-            continue
-        _banner(f"[{index}/{len(pending)}] {job.stage}: {job.key}")
-        print(f"  {job.command()}", flush=True)
-        start = time.perf_counter()
-        summary = run_job(job)
-        record.finish(job, time.perf_counter() - start, summary)
+    layout = Layout(run_dir)
+    producers = {layout.pretrain: "pretrain", layout.base(True): "pretrain", layout.warmstart: "warmstart"}
+    record = run_jobs(plan(cfg, run_dir), run_dir, cfg.trainer.resume, "main job", producers, run_job)
     outputs: dict[str, Path] = {"stages": record.path}
     if "eval" in cfg.stages:
         from zaya_train.experiment.collect import collect_and_report
 
-        _banner("report")
+        banner("report")
         outputs.update(collect_and_report(cfg, run_dir, record.jobs))
-    _summary(outputs, run_dir, record, time.perf_counter() - started)
+    print_summary(f"main job finished in {(time.perf_counter() - started) / 60:.1f} min: {run_dir}", record, outputs)
     return outputs
-
-
-def _check_inputs(jobs: list[Job]) -> None:
-    """Every training job's starting model exists or is made by an earlier job, before anything runs."""
-    from zaya_train.train.config import ConfigError
-
-    made = set()
-    for job in jobs:
-        source = _checkpoint_source(job)
-        if job.recipe != "eval_rsa" and source is not None and source not in made and latest_checkpoint(source) is None:
-            producer = {"base": "pretrain", "pretrain": "pretrain", "warmstart": "warmstart"}.get(source.name, "?")
-            raise ConfigError(f"stages: {job.key} starts from {source}, which holds no checkpoint; add stage "
-                              f"{producer} (stages=[{producer},...]) or point run_dir at a run that has it")
-        made.add(job.directory)
-
-
-def _summary(outputs: dict[str, Path], run_dir: Path, record: StageRecord, wall_s: float) -> None:
-    _banner(f"main job finished in {wall_s / 60:.1f} min: {run_dir}")
-    for key, value in record.jobs.items():
-        print(f"  {key:<24} {value['wall_s']:>7.1f} s  {value['directory']}")
-    for name, path in outputs.items():
-        print(f"  {name:<24} {path}")
-    print(flush=True)
-
-
-def interrupted_exit_code(err: StageInterrupted) -> int:
-    """128 + the signal's number, as a shell reports a process the signal ended; 1 if another rank got it."""
-    name = err.reason.removeprefix("signal ")
-    return 128 + signal.Signals[name] if name in signal.Signals.__members__ else 1

@@ -15,10 +15,19 @@ from __future__ import annotations
 import abc
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass
+class Scored:
+    """A reward and, from verifiers that say, why it is what it is (a sandbox outcome, an instruction gate)."""
+
+    reward: float
+    outcome: str | None = None
 
 
 def normalize_whitespace(text: str) -> str:

@@ -11,6 +11,8 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import MISSING
+
 from zaya_train.rl.algorithms import ADVANTAGE_KINDS, AGGREGATION_KINDS, TRUST_REGIONS
 
 CODESIGN_SOURCES = ("self", "expert", "mixed")
@@ -40,9 +42,9 @@ def _require_data(data: str, key: str) -> None:
 class EnvironmentConfig:
     """One environment of a mixed batch: its problems come from `data` (any form of `rl.data`)."""
 
-    name: str = "main"
+    name: str = MISSING
     """The environment's name in the metrics (reward/env/<name>, outcomes/<name>/<outcome>)."""
-    data: str = "nano_chain_sum"
+    data: str = MISSING
     share: float = 1.0
     """Relative share of the step's plain problems (normalised over the environments)."""
 

@@ -27,16 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zaya_train.rewards.base import Scored
 from zaya_train.rl.config import EnvironmentConfig, RLConfig
 from zaya_train.rl.prompts import PromptSource, prompt_source, read_jsonl
 from zaya_train.rsa.core import stable_hash64
-
-
-@dataclass
-class Scored:
-    reward: float
-    outcome: str | None = None
-    """Why the reward is what it is, when the verifier says (a sandbox outcome, a constraint gate)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +139,12 @@ def adaptive_sources(source) -> list[Any]:
     return source.adaptive() if hasattr(source, "adaptive") else []
 
 
+def behaviour_rows(path: str):
+    from zaya_train.rewards.behaviour import behaviour_rows as rows
+
+    return rows(path)
+
+
 def code_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     for i, row in enumerate(read_jsonl(path)):
@@ -167,6 +167,18 @@ def _code_verifier(rl: RLConfig):
                         allow_unisolated=code.allow_unisolated)
 
 
+def _behaviour_reward(rl: RLConfig):
+    import torch
+
+    from zaya_train.rewards.behaviour import BehaviouralReward
+    from zaya_train.rewards.reward_model import RewardModelScorer
+
+    rm = rl.reward_model
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    scorer = RewardModelScorer(rm.path, device=device, batch_size=rm.batch_size, max_length=rm.max_length)
+    return BehaviouralReward(scorer, fail_reward=rm.fail_reward)
+
+
 def _single_source(env: EnvironmentConfig, rl: RLConfig, seed: int):
     prefix, _, path = env.data.partition(":")
     if env.data == "rlve":
@@ -183,9 +195,7 @@ def _single_source(env: EnvironmentConfig, rl: RLConfig, seed: int):
 
         source = codeio.prompt_source(prefix, path, seed, _code_verifier(rl))
     elif prefix == "behaviour":
-        from zaya_train.rewards.behaviour import behaviour_source
-
-        source = behaviour_source(path, seed, rl.reward_model)
+        source = PromptSource(behaviour_rows(path), _behaviour_reward(rl), seed, shuffle_rows=True)
     else:
         source = prompt_source(env.data, seed)
     source.name = env.name

@@ -351,12 +351,14 @@ class RLSource:
         """Every rank's plain-group results, in rank order, update each curriculum identically on every rank."""
         if not self.curricula:
             return {}
+        from zaya_train.rl.curriculum import DIFFICULTY_KEY, ENV_KEY
+
         results = []
         for group in rollouts.groups:
             reference = getattr(group.problem.reference, "reference", group.problem.reference)
-            if group.kind == "plain" and isinstance(reference, dict) and "rlve_env" in reference:
+            if group.kind == "plain" and isinstance(reference, dict) and ENV_KEY in reference:
                 solved = sum(r >= 1.0 for r in group.rewards) / len(group.rewards)
-                results.append((reference["rlve_env"], int(reference["rlve_difficulty"]), solved))
+                results.append((reference[ENV_KEY], int(reference[DIFFICULTY_KEY]), solved))
         if self.info.world_size > 1:
             gathered: list[Any] = [None] * self.info.world_size
             dist.all_gather_object(gathered, results)
