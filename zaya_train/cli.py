@@ -6,6 +6,7 @@
     zaya-train recipe=export checkpoint=runs/nano/... out=exports/nano
     zaya-train recipe=eval_rsa checkpoint=runs/nano/... eval.data=nano_chain_sum rsa.t=2
     zaya-train recipe=rl model.init_from=runs/nano/... rl.codesign.share=0.5 rl.codesign.rounds=2
+    zaya-train recipe=nano_cascade                     # the ZAYA1 RL cascade's stages back to back, toy size
     zaya-train -m recipe=nano_pretrain optim.lr=1e-3,3e-3   # a sweep: one job per value
     torchrun --nproc_per_node=2 -m zaya_train recipe=nano_pretrain deepspeed=zero2
 
@@ -145,8 +146,8 @@ def _task(cfg: DictConfig) -> None:
         out = export_checkpoint(run_cfg.checkpoint, run_cfg.out)
         print(f"zaya-train: wrote an HF zaya checkpoint and its tokenizer to {out}")
         return
-    if run_cfg.recipe == "nano":
-        _main_job(run_cfg, run_dir)
+    if run_cfg.recipe in ("nano", "nano_cascade"):
+        _multi_stage(run_cfg, run_dir)
         return
     from zaya_train.train.trainer import train
 
@@ -190,15 +191,22 @@ def _run_errors():
         raise SystemExit(1) from err
 
 
-def _main_job(run_cfg, run_dir: Path) -> None:
-    from zaya_train.experiment.pipeline import run_main_job
+def _multi_stage(run_cfg, run_dir: Path) -> None:
+    """The main job (recipe=nano) or the nano cascade: stages run in this process; a signal exits 128 + its number
+    with the command that continues."""
     from zaya_train.jobs import StageInterrupted, interrupted_exit_code
 
+    if run_cfg.recipe == "nano":
+        from zaya_train.experiment.pipeline import run_main_job as run
+    else:
+        from zaya_train.cascade.pipeline import run_cascade as run
     try:
         with _run_errors():
-            run_main_job(run_cfg, run_dir)
+            run(run_cfg, run_dir)
     except StageInterrupted as err:
-        print(f"zaya-train: {err}; continue with: zaya-train trainer.resume=auto run_dir={run_dir}", file=sys.stderr)
+        recipe = "" if run_cfg.recipe == "nano" else f"recipe={run_cfg.recipe} "
+        print(f"zaya-train: {err}; continue with: zaya-train {recipe}trainer.resume=auto run_dir={run_dir}",
+              file=sys.stderr)
         raise SystemExit(interrupted_exit_code(err)) from err
 
 

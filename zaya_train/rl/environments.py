@@ -193,7 +193,8 @@ def _single_source(env: EnvironmentConfig, rl: RLConfig, seed: int):
     elif prefix in ("codeio_output", "codeio_input"):
         from zaya_train.rewards import codeio
 
-        source = codeio.prompt_source(prefix, path, seed, _code_verifier(rl))
+        source = PromptSource(codeio.codeio_rows(path, prefix), codeio.codeio_verifier(prefix, _code_verifier(rl)), seed,
+                              shuffle_rows=True)
     elif prefix == "behaviour":
         source = PromptSource(behaviour_rows(path), _behaviour_reward(rl), seed, shuffle_rows=True)
     else:

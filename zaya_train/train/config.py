@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zaya_train.cascade.config import CascadeConfig
 from zaya_train.experiment.config import STAGES, ExperimentConfig, check_seeds, check_stages
 from zaya_train.loading import check_model_source, resolve_checkpoint
 from zaya_train.metrics import WandbConfig
@@ -250,6 +251,7 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seeds: list[int] | None = None
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)  # recipe=nano_cascade
     # recipe=export and recipe=eval_rsa: a run directory, a trainer checkpoint (eval_rsa also: an HF directory)
     checkpoint: str | None = None
     out: str | None = None  # recipe=export
