@@ -52,6 +52,14 @@ def score_completions(verifier, completions: Sequence[str], references: Sequence
     return [Scored(float(verifier.score(c, r))) for c, r in zip(completions, references)]
 
 
+def floor_reward(verifier, reference: Any) -> float:
+    """The reward of a rollout the canary rejects: 0 for verifiers in [0, 1]; a reward model's `fail_reward`, since
+    its scores are unbounded and 0 could rank a looping rollout above a good one."""
+    if isinstance(verifier, RoutingVerifier):
+        verifier = verifier.verifiers[reference.environment]
+    return float(getattr(verifier, "fail_reward", 0.0))
+
+
 class RoutingVerifier:
     """Scores each completion with the verifier of its reference's environment."""
 

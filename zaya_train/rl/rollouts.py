@@ -16,7 +16,7 @@ each.
 
 Dynamic sampling marks groups whose task rewards are all 0 or all 1 as dropped (they stay in the population the
 next round aggregates), and refills dropped plain groups with fresh problems up to `rl.max_refills` times.
-Degenerate (LZ77-compressible) rollouts get reward 0 first.
+Degenerate (LZ77-compressible) rollouts get the lowest reward first (0, or a reward model's `fail_reward`).
 
 Problem indices and sampling seeds are functions of (seed, step, rank) alone, so a resumed run draws the same
 problems and samples as an uninterrupted one.
@@ -32,7 +32,7 @@ import torch
 
 from zaya_train.rl.algorithms import degenerate_mask, dynamic_sampling_filter
 from zaya_train.rl.config import RLConfig
-from zaya_train.rl.environments import environment_of, score_completions
+from zaya_train.rl.environments import environment_of, floor_reward, score_completions
 from zaya_train.rl.prompts import PromptSource, qa_rows, read_jsonl
 from zaya_train.rsa import RSAConfig, RSAProblem, Trajectory, build_template, population_prompts
 from zaya_train.rsa.core import stable_hash64
@@ -144,7 +144,7 @@ class RolloutCollector:
             group.outcomes = []
         for i, (group, t) in enumerate(pairs):
             if degenerate[i]:
-                t.reward = 0.0
+                t.reward = floor_reward(self.source.verifier, group.problem.reference)
                 out.degenerate += 1
                 group.outcomes.append("degenerate")
             else:
