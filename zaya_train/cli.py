@@ -5,6 +5,8 @@
     zaya-train recipe=pretrain data.path=corpus.jsonl model=small trainer.max_steps=2000
     zaya-train recipe=export checkpoint=runs/nano/... out=exports/nano
     zaya-train recipe=eval_rsa checkpoint=runs/nano/... eval.data=nano_chain_sum rsa.t=2
+    zaya-train recipe=build_aggregation_sft aggregation_sft.problems=p.jsonl aggregation_sft.teacher=exports/t
+    zaya-train recipe=zaya1_sft data.path=chats.jsonl data.mix_path=runs/agg/aggregation_sft.jsonl ...
     zaya-train recipe=rl model.init_from=runs/nano/... rl.codesign.share=0.5 rl.codesign.rounds=2
     zaya-train recipe=nano_cascade                     # the ZAYA1 RL cascade's stages back to back, toy size
     zaya-train -m recipe=nano_pretrain optim.lr=1e-3,3e-3   # a sweep: one job per value
@@ -139,6 +141,19 @@ def _task(cfg: DictConfig) -> None:
         summary = run_eval(run_cfg, run_dir, overlay_dir=overlay)
         accuracies = ", ".join(f"round {r['round']}: {r['mean_accuracy']:.3f}" for r in summary["rounds"])
         print(f"zaya-train: Markovian RSA mean accuracy {accuracies}; {summary['results']}, {run_dir / PLOT_FILE}")
+        return
+    if run_cfg.recipe == "build_aggregation_sft":
+        from zaya_train.rsa.aggregation_sft import ProblemsFileError, build_aggregation_sft
+
+        try:
+            summary = build_aggregation_sft(run_cfg, run_dir)
+        except ProblemsFileError as err:
+            print(f"zaya-train: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+        share = summary["share_correct"]
+        correct = "" if share is None else f", {share:.1%} of those with an answer correct"
+        print(f"zaya-train: wrote {summary['chats']} aggregation chats from {summary['problems']} problems "
+              f"({sum(summary['skipped'].values())} rows skipped{correct}) to {summary['chats_file']}")
         return
     if run_cfg.recipe == "export":
         from zaya_train.train.export import export_checkpoint

@@ -78,7 +78,10 @@ def test_a_stage_stopped_by_sigterm_continues_from_its_checkpoint(tmp_path):
     assert "continue with: zaya-train recipe=nano_cascade trainer.resume=auto" in stopped.stderr
     assert sorted(json.loads((run_dir / "stages.json").read_text())) == ["pretrain", "stage1_warmup"]
     interrupted = run_dir / "stage2_rlve"
-    assert (interrupted / "checkpoints" / "step_00000001").is_dir()
+    checkpoint = interrupted / "checkpoints" / "step_00000001"
+    # The curriculum's state (difficulties and group counts per environment) is part of the checkpoint.
+    (curriculum,) = json.loads((checkpoint / "data_state.json").read_text())["curricula"]
+    assert len(curriculum["difficulty"]) == 13 and sum(curriculum["groups"].values()) > 0
     curriculum_at_stop = rows(interrupted)[-1]
 
     resumed = run(*args, "trainer.resume=auto", cwd=tmp_path).stdout

@@ -51,7 +51,8 @@ def _stage_data(stage: str, data: Path) -> list[str]:
                 f"rl.environments.2.data=codeio_output:{data / 'codeio.jsonl'}",
                 f"rl.environments.3.data=codeio_input:{data / 'codeio.jsonl'}"]
     if stage == "stage4_behavioral":
-        return [f"rl.data=behaviour:{data / 'behaviour.jsonl'}", f"rl.reward_model.path={data / REWARD_MODEL_DIR}"]
+        return [f"rl.environments.0.data=behaviour:{data / 'behaviour.jsonl'}",
+                f"rl.reward_model.path={data / REWARD_MODEL_DIR}"]
     return []
 
 

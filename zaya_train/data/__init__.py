@@ -9,6 +9,9 @@
     chats, trim_stats = trim_conversations(chats, tok, max_tokens=seq_len)
     windows, pack_stats = pack_sft([tokenize_chat(c, tok) for c in chats], seq_len, tok.pad_token_id)
     loader = PackedLoader(WindowArrays.from_windows(windows), LoaderConfig(micro_batch_size=4), rank, world)
+    # SFT with aggregation chats as 5% of the samples, in the layout RL feeds them (mixing.py)
+    extra = list(aggregation_examples("aggregation_sft.jsonl", tok, SourceStats()))
+    examples, mix_stats = mix_examples([tokenize_chat(c, tok) for c in chats], extra, share=0.05, seed=0)
     # pretraining, streamed
     docs = lambda: (tok(r["text"], add_special_tokens=False)["input_ids"] for r in iter_records(src_cfg))
     loader = PackedLoader(lambda: pack_pretrain(docs(), pack_cfg), LoaderConfig(micro_batch_size=4), rank, world)
@@ -19,6 +22,7 @@ Each module's docstring has the details.
 """
 
 from zaya_train.data.loader import LoaderConfig, PackedLoader
+from zaya_train.data.mixing import aggregation_examples, mix_examples, raw_prompt_example
 from zaya_train.data.packing import (
     IGNORE_INDEX,
     PackedWindow,
@@ -74,6 +78,7 @@ __all__ = [
     "TokenizerConfig",
     "TrimStats",
     "WindowArrays",
+    "aggregation_examples",
     "ap_trim",
     "best_fit_decreasing",
     "build_tokenizer",
@@ -84,8 +89,10 @@ __all__ = [
     "iter_records",
     "load_tokenizer",
     "make_problem",
+    "mix_examples",
     "pack_pretrain",
     "pack_sft",
+    "raw_prompt_example",
     "tokenize_chat",
     "train_bpe",
     "trim_conversations",

@@ -26,6 +26,7 @@ from zaya_train.train.optim import OptimConfig
 from zaya_train.train.schedule import ScheduleConfig
 
 DATA_KINDS = ("chain_sum", "pretrain", "sft")
+VERIFIERS = ("math", "exact")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -140,6 +141,10 @@ class DataConfig:
     num_samples: int = 64_000  # chain_sum: training problems per epoch
     # Passes over the data before the run stops (with a checkpoint), whatever trainer.max_steps says; None: no limit.
     num_epochs: int | None = None
+    # SFT: aggregation chats (recipe=build_aggregation_sft's aggregation_sft.jsonl) mixed in as `mix_share` of
+    # the samples, tokenized the way RL feeds aggregation prompts (zaya_train/data/mixing.py).
+    mix_path: str | None = None
+    mix_share: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}, got {self.kind!r}")
@@ -161,6 +166,13 @@ class DataConfig:
         if self.tokenizer not in ("char", "bpe"):
             _require(Path(self.tokenizer).is_dir(), "data.tokenizer",
                      f"must be char, bpe or a tokenizer directory, got {self.tokenizer!r}")
+        _require(0 <= self.mix_share <= 1, "data.mix_share", f"must be in [0, 1], got {self.mix_share}")
+        if self.mix_path is not None:
+            _require(self.kind == "sft", "data.mix_path",
+                     f"only data.kind=sft mixes in chats, got {self.kind!r}")
+            _require(Path(self.mix_path).is_file(), "data.mix_path", f"{self.mix_path} is not a file")
+        _require(self.mix_share == 0 or self.mix_path is not None, "data.mix_path",
+                 f"data.mix_share={self.mix_share} needs a file of aggregation chats to draw from")
 
 
 @dataclass
@@ -230,6 +242,35 @@ class EvalConfig:
 
 
 @dataclass
+class AggregationSFTConfig:
+    """recipe=build_aggregation_sft (zaya_train/rsa/aggregation_sft.py): teacher-written aggregation chats for
+    the co-design SFT cold start. Tails and prompts follow `rsa` (c, tau, template, variant, markers)."""
+
+    problems: str | None = None  # jsonl rows {"question", "answer" (optional), "rollouts": [text, ...]}
+    teacher: str | None = None  # an HF zaya directory, a trainer checkpoint or a run directory (its latest)
+    samples_per_problem: int = 1  # aggregation chats per problem, each from its own random rsa.c-subset
+    max_new_tokens: int = 40960
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_batch_size: int = 64  # prompts per teacher call; the sampling seeds follow these chunks
+    verifier: str = "math"  # what `correct` records for rows with an answer: math (math-verify) | exact
+    answer_marker: str | None = None  # the verifier's fallback when a completion has no \boxed{} answer
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("samples_per_problem", "max_new_tokens", "max_batch_size"):
+            value = getattr(self, name)
+            _require(value >= 1, f"aggregation_sft.{name}", f"must be >= 1, got {value}")
+        _require(self.temperature >= 0, "aggregation_sft.temperature",
+                 f"must be >= 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "aggregation_sft.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.verifier in VERIFIERS, "aggregation_sft.verifier",
+                 f"must be one of {VERIFIERS}, got {self.verifier!r}")
+        _require(self.answer_marker is None or self.answer_marker != "", "aggregation_sft.answer_marker",
+                 "must be null or a non-empty string")
+
+
+@dataclass
 class RunConfig:
     recipe: str = "nano"
     run_dir: str = "runs/${recipe}/${now:%Y%m%d-%H%M%S}"
@@ -252,6 +293,8 @@ class RunConfig:
     seeds: list[int] | None = None
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)  # recipe=nano_cascade
+    # recipe=build_aggregation_sft
+    aggregation_sft: AggregationSFTConfig = field(default_factory=AggregationSFTConfig)
     # recipe=export and recipe=eval_rsa: a run directory, a trainer checkpoint (eval_rsa also: an HF directory)
     checkpoint: str | None = None
     out: str | None = None  # recipe=export
@@ -283,6 +326,26 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.rsa.c <= cfg.rl.group_size or cfg.rl.codesign.share == 0, "rsa.c",
                  f"{cfg.rsa.c} tails per aggregation prompt need a population of at least that many "
                  f"(rl.group_size={cfg.rl.group_size})")
+    if cfg.recipe == "build_aggregation_sft":
+        problems = cfg.aggregation_sft.problems
+        _require(problems is not None and Path(problems).is_file(), "aggregation_sft.problems",
+                 f"recipe=build_aggregation_sft needs a jsonl file of problems with rollouts, "
+                 f"got {problems!r}")
+        _require(cfg.aggregation_sft.teacher is not None, "aggregation_sft.teacher",
+                 "recipe=build_aggregation_sft needs the teacher (an HF zaya directory, a trainer checkpoint "
+                 "or a run directory)")
+        _require_model_source(cfg.aggregation_sft.teacher, "aggregation_sft.teacher")
+    if cfg.recipe == "zaya1_sft":
+        _require(cfg.data.kind == "sft", "data.kind",
+                 f"recipe=zaya1_sft trains on chats (sft), got {cfg.data.kind!r}")
+        _require(cfg.data.mix_path is not None, "data.mix_path",
+                 "recipe=zaya1_sft needs the aggregation chats of recipe=build_aggregation_sft "
+                 "(recipe=sft trains without them)")
+        _require(cfg.model.init_from is not None, "model.init_from",
+                 "recipe=zaya1_sft fine-tunes a base model: give it (an HF directory, a run directory or a "
+                 "trainer checkpoint)")
+        _require(cfg.data.tokenizer not in ("char", "bpe"), "data.tokenizer",
+                 f"recipe=zaya1_sft needs the base model's tokenizer directory, got {cfg.data.tokenizer!r}")
     if cfg.recipe == "export":
         _require_checkpoint(cfg.checkpoint, "checkpoint")
         _require(cfg.out is not None, "out", "recipe=export needs out=PATH")

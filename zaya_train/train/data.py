@@ -2,7 +2,8 @@
 
 Rank 0 builds a tokenizer that needs building (BPE trained on the run's own data) and saves it to
 `run_dir/tokenizer`; the other ranks wait and load it, so every rank encodes identically. Window building is
-deterministic, so every rank packs the same windows and the loader takes each rank's slice.
+deterministic, so every rank packs the same windows and the loader takes each rank's slice. SFT with
+`data.mix_path` adds aggregation chats as `data.mix_share` of the samples (zaya_train/data/mixing.py).
 
 A source that yields no window raises ConfigError naming what to fix: `data.text_field` (or
 `data.messages_field`) when rows exist but none has that field, else `data.path`. Every rank checks the source
@@ -25,12 +26,15 @@ from zaya_train.data import (
     PackedWindow,
     PackStats,
     PretrainPackConfig,
+    SFTExample,
     SourceConfig,
     SourceStats,
     WindowArrays,
+    aggregation_examples,
     char_tokenizer,
     iter_records,
     load_tokenizer,
+    mix_examples,
     pack_pretrain,
     pack_sft,
     tokenize_chat,
@@ -148,18 +152,44 @@ def build_training_data(cfg: DataConfig, run_dir: Path, seed: int, rank: int) ->
         if cfg.ap_trim:
             chats, trim = trim_conversations(chats, tokenizer, max_tokens=cfg.seq_len)
             trim_stats = _prefixed("data/trim", trim.as_dict())
-        packed, pack_stats = pack_sft(
-            [tokenize_chat(c, tokenizer) for c in chats], cfg.seq_len, tokenizer.pad_token_id
-        )
+        examples = [tokenize_chat(c, tokenizer) for c in chats]
+        mix_stats = {}
+        if cfg.mix_path is not None:
+            examples, mix_stats = _mix_aggregation_chats(cfg, examples, tokenizer, seed)
+        packed, pack_stats = pack_sft(examples, cfg.seq_len, tokenizer.pad_token_id)
         kind = "chat"
         stats = {
             **_prefixed("data/source", source_stats.as_dict()),
             **trim_stats,
+            **mix_stats,
             **_prefixed("data/pack", pack_stats.as_dict()),
         }
     if not packed:
         raise _no_windows_error(cfg, kind, source_stats, stats)
     return TrainingData(tokenizer, WindowArrays.from_windows(packed), stats)
+
+
+def _mix_aggregation_chats(
+    cfg: DataConfig, chats: list[SFTExample], tokenizer: Any, seed: int
+) -> tuple[list[SFTExample], dict[str, float]]:
+    """`chats` with `data.mix_share` of the samples drawn from `data.mix_path` (zaya_train/data/mixing.py).
+    Examples longer than a window are left out of both sides first (counted), so the share holds in the packed
+    windows."""
+    source = SourceStats()
+    extra = list(aggregation_examples(cfg.mix_path, tokenizer, source))
+    fitting = [e for e in chats if len(e) <= cfg.seq_len]
+    fitting_extra = [e for e in extra if len(e) <= cfg.seq_len]
+    try:
+        mixed, counts = mix_examples(fitting, fitting_extra, cfg.mix_share, seed)
+    except ValueError as err:
+        raise ConfigError(
+            f"data.mix_path: no aggregation chat of {cfg.mix_path} can be drawn "
+            f"({source.report().splitlines()[0]}; {len(extra) - len(fitting_extra)} longer than "
+            f"data.seq_len={cfg.seq_len})"
+        ) from err
+    counts = {**counts, "chats_too_long": len(chats) - len(fitting),
+              "aggregation_too_long": len(extra) - len(fitting_extra)}
+    return mixed, {**_prefixed("data/mix/source", source.as_dict()), **_prefixed("data/mix", counts)}
 
 
 def _require_a_record(cfg: DataConfig, kind: str) -> None:
