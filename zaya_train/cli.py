@@ -9,6 +9,8 @@
     zaya-train recipe=zaya1_sft data.path=chats.jsonl data.mix_path=runs/agg/aggregation_sft.jsonl ...
     zaya-train recipe=rl model.init_from=runs/nano/... rl.codesign.share=0.5 rl.codesign.rounds=2
     zaya-train recipe=nano_cascade                     # the ZAYA1 RL cascade's stages back to back, toy size
+    zaya-train recipe=plan model=zaya1_8b cluster=mi300x nodes=128   # memory, FLOPs and time of a run, no GPU
+    zaya-train recipe=doctor                           # is this node usable for GPU training? (exit 0 / 1)
     zaya-train -m recipe=nano_pretrain optim.lr=1e-3,3e-3   # a sweep: one job per value
     torchrun --nproc_per_node=2 -m zaya_train recipe=nano_pretrain deepspeed=zero2
 
@@ -161,6 +163,17 @@ def _task(cfg: DictConfig) -> None:
         out = export_checkpoint(run_cfg.checkpoint, run_cfg.out)
         print(f"zaya-train: wrote an HF zaya checkpoint and its tokenizer to {out}")
         return
+    if run_cfg.recipe == "plan":
+        from zaya_train.model import preset
+        from zaya_train.plan import run_plan
+
+        run_plan(run_cfg.model.build(preset(run_cfg.model.preset).vocab_size, {}), run_cfg.plan, run_dir)
+        print(f"zaya-train: wrote {run_dir / 'plan.json'}")
+        return
+    if run_cfg.recipe == "doctor":
+        from zaya_train.doctor import run_doctor
+
+        raise SystemExit(run_doctor(run_dir))
     if run_cfg.recipe in ("nano", "nano_cascade"):
         _multi_stage(run_cfg, run_dir)
         return

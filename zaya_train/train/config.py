@@ -19,6 +19,7 @@ from zaya_train.loading import check_model_source, resolve_checkpoint
 from zaya_train.metrics import WandbConfig
 from zaya_train.model import ZayaConfig, preset
 from zaya_train.model.config import PRESETS
+from zaya_train.plan import PlanConfig
 from zaya_train.rl.config import RLConfig
 from zaya_train.rsa.config import RSAConfig
 from zaya_train.train.balancer import BalancerConfig
@@ -293,6 +294,10 @@ class RunConfig:
     seeds: list[int] | None = None
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)  # recipe=nano_cascade
+    # recipe=plan: the cluster it sizes the run for (`cluster=mi300x nodes=128`), the rest under `plan.*`
+    cluster: str = "mi300x"
+    nodes: int = 1
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # recipe=build_aggregation_sft
     aggregation_sft: AggregationSFTConfig = field(default_factory=AggregationSFTConfig)
     # recipe=export and recipe=eval_rsa: a run directory, a trainer checkpoint (eval_rsa also: an HF directory)
