@@ -299,6 +299,9 @@ def train(
     builds the batch source (pretraining by default; `zaya_train.rl.loop.RLSource` for recipe=rl). `on_finish` is
     called with the DeepSpeed engine once training ends (e.g. to inspect or export the live model)."""
     info: DistInfo = init_distributed()
+    # From the start: a scheduler's SIGUSR1 / SIGTERM during start-up (data, engine, checkpoint loading) would
+    # otherwise kill the run; recorded here, it stops the run with a checkpoint after its first step.
+    stop = _StopSignal()
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     if info.rank == 0:
@@ -343,7 +346,6 @@ def train(
     source.attach(engine, info)
     runner = StepRunner(engine, balancer, cfg, info, state)
 
-    stop = _StopSignal()
     flops_per_token = model_flops_per_token(model_config, cfg.data.seq_len)
     peak = peak_flops(info.device, cfg.trainer.peak_flops)
     metrics = MetricsSink(run_dir, cfg.wandb, info.rank, run_config=cfg)
@@ -392,7 +394,7 @@ def train(
                     # RL sources report a reward per prompt type (reward/plain, reward/round1, ...) and, under a
                     # compute budget, the share of it used: a step count alone does not say when the run ends.
                     extra = {k.removeprefix("reward/"): f"{v:.2f}" for k, v in result.metrics.items()
-                             if k.startswith("reward/")}
+                             if k.startswith("reward/") and not k.startswith("reward/env/")}
                     if "compute/budget_fraction" in result.metrics:
                         extra["budget"] = f"{100 * result.metrics['compute/budget_fraction']:.0f}%"
                     progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
