@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from zaya_train.kernels.dispatch import MODES as KERNEL_MODES
+
 LAYER_TYPES = ("hybrid", "hybrid_sliding")
 
 
@@ -60,6 +62,10 @@ class ZayaConfig:
     temp_init: float = 1.0
     # Checkpoint each decoder layer's activations and recompute them in the backward pass.
     gradient_checkpointing: bool = False
+    # Triton kernels for RMSNorm (+ residual scaling) and the fused LM-head loss: "auto" (on a GPU where
+    # Triton imports), "triton" (also the CPU interpreter under TRITON_INTERPRET=1) or "torch" (the PyTorch
+    # references); see zaya_train.kernels.dispatch. The same numbers up to rounding; not in HF configs.
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.layer_types is None:
@@ -91,6 +97,8 @@ class ZayaConfig:
             )
         if self.hidden_act != "silu":
             raise ValueError(f"ZayaConfig.hidden_act must be 'silu' (SwiGLU experts), got {self.hidden_act!r}")
+        if self.kernels not in KERNEL_MODES:
+            raise ValueError(f"ZayaConfig.kernels must be one of {KERNEL_MODES}, got {self.kernels!r}")
         if not (self.rms_norm_eps > 0):
             raise ValueError(f"ZayaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if len(self.layer_types) != self.num_hidden_layers:
@@ -176,7 +184,7 @@ class ZayaConfig:
         return cls(**kwargs)
 
 
-TRAINING_ONLY_FIELDS = frozenset({"temp_init", "gradient_checkpointing"})
+TRAINING_ONLY_FIELDS = frozenset({"temp_init", "gradient_checkpointing", "kernels"})
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The released ZAYA1-8B dimensions (HF defaults).

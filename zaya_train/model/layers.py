@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya_train.kernels.dispatch import use_triton
 from zaya_train.kernels.linear import linear
 
 
@@ -54,15 +55,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class ZayaRMSNorm(nn.Module):
-    """RMSNorm with fp32 statistics; the output is cast to the weight's dtype (the compute dtype)."""
+    """RMSNorm with fp32 statistics; the output is cast to the weight's dtype (the compute dtype). `kernels`
+    ("auto" | "triton" | "torch", set by the model from ZayaConfig.kernels) chooses between the Triton kernel
+    (zaya_train.kernels.rms_norm) and the PyTorch ops of this file, its reference (see
+    zaya_train.kernels.dispatch)."""
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, kernels: str = "auto") -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.kernels = kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, scaling: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """rms_norm(x). With `scaling` = (residual, h_bias, h_scale, r_bias, r_scale), from
+        ZayaResidualScaling, x is a sublayer's output: returns (z, rms_norm(z)) for the new residual stream
+        z = (x + h_bias) * h_scale + (residual + r_bias) * r_scale, in one fused kernel on the Triton path."""
+        if scaling is None:
+            if use_triton("rms_norm", self.kernels, x.device):
+                from zaya_train.kernels.rms_norm import rms_norm as triton_rms_norm
+
+                return triton_rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps)
+        if use_triton("residual_rms_norm", self.kernels, x.device):
+            from zaya_train.kernels.rms_norm import residual_rms_norm
+
+            return residual_rms_norm(x, *scaling, self.weight, self.eps)
+        z = scale_residual(x, *scaling)
+        return z, rms_norm(z, self.weight, self.eps)
 
 
 class _ResidualScaling(torch.autograd.Function):
@@ -110,11 +131,16 @@ class ZayaResidualScaling(nn.Module):
         self.residual_scale = nn.Parameter(torch.ones(hidden_size))
         self.residual_bias = nn.Parameter(torch.zeros(hidden_size))
 
-    def forward(self, hidden_BSD: torch.Tensor, residual_BSD: torch.Tensor) -> torch.Tensor:
-        return scale_residual(
-            hidden_BSD, residual_BSD, self.hidden_states_bias, self.hidden_states_scale, self.residual_bias,
-            self.residual_scale,
-        )
+    def forward(
+        self, hidden_BSD: torch.Tensor, residual_BSD: torch.Tensor, norm: ZayaRMSNorm | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The new residual stream; with `norm`, (the new residual, norm(it)), fused on the Triton path.
+        `norm` is called from inside this forward, not its weight read here, so that ZeRO-3 has gathered both
+        modules' parameters when the fused op reads them."""
+        params = (self.hidden_states_bias, self.hidden_states_scale, self.residual_bias, self.residual_scale)
+        if norm is not None:
+            return norm(hidden_BSD, scaling=(residual_BSD, *params))
+        return scale_residual(hidden_BSD, residual_BSD, *params)
 
 
 def rope_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:

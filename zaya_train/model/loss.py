@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from zaya_train.kernels.dispatch import use_triton
 from zaya_train.kernels.linear import linear, matmul
 
 IGNORE_INDEX = -100
@@ -198,7 +199,11 @@ def token_logprobs(
 
 class ZayaLMHead(nn.Linear):
     """`lm_head`: logits, or with `labels` the fused training loss or per-token log-probabilities (through this
-    module's forward, so that ZeRO-3 gathers its weight like any module's, for the backward's recompute too)."""
+    module's forward, so that ZeRO-3 gathers its weight like any module's, for the backward's recompute too).
+    `kernels` (set by the model from ZayaConfig.kernels) chooses the Triton versions of the two fused paths
+    (zaya_train.kernels.lm_head, chunk size from the device's config) or this file's, their reference."""
+
+    kernels: str = "auto"
 
     def forward(
         self, hidden: torch.Tensor, labels: torch.Tensor | None = None, *, return_logprobs: bool = False,
@@ -210,5 +215,11 @@ class ZayaLMHead(nn.Linear):
             return linear(hidden, self.weight, self.bias)
         hidden_ND, labels_N = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         if return_logprobs:
-            return token_logprobs(hidden_ND, self.weight, labels_N, temperature, self.bias).view(labels.shape)
-        return linear_cross_entropy(hidden_ND, self.weight, self.bias, labels_N)
+            logprobs_fn = token_logprobs
+            if use_triton("token_logprobs", self.kernels, hidden.device):
+                from zaya_train.kernels.lm_head import token_logprobs as logprobs_fn
+            return logprobs_fn(hidden_ND, self.weight, labels_N, temperature, self.bias).view(labels.shape)
+        loss_fn = linear_cross_entropy
+        if use_triton("linear_cross_entropy", self.kernels, hidden.device):
+            from zaya_train.kernels.lm_head import linear_cross_entropy as loss_fn
+        return loss_fn(hidden_ND, self.weight, self.bias, labels_N)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from zaya_train.kernels.dispatch import check_mode
 from zaya_train.model.cache import ZayaCache
 from zaya_train.model.cca import ZayaAttention, ZayaQKNorm
 from zaya_train.model.config import ZayaConfig
@@ -68,10 +69,11 @@ class ZayaDecoderLayer(nn.Module):
         replay_ids_BS: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h_BSD = self.self_attn(self.input_layernorm(residual_BSD), layout, rope, cache)
-        residual_BSD = self.post_attention_residual_scale(h_BSD, residual_BSD)
-        h_BSD, ids_BS, router_state_BSR = self.mlp(
-            self.post_attention_layernorm(residual_BSD), router_state_BSR, replay_ids_BS
+        # The merge into the residual stream and the MoE's pre-norm as one op (one kernel on the Triton path).
+        residual_BSD, x_BSD = self.post_attention_residual_scale(
+            h_BSD, residual_BSD, norm=self.post_attention_layernorm
         )
+        h_BSD, ids_BS, router_state_BSR = self.mlp(x_BSD, router_state_BSR, replay_ids_BS)
         return self.post_mlp_residual_scale(h_BSD, residual_BSD), router_state_BSR, ids_BS
 
 
@@ -133,8 +135,19 @@ class ZayaForCausalLM(nn.Module):
         self.lm_head = ZayaLMHead(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.set_kernels(config.kernels)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
+
+    def set_kernels(self, mode: str) -> None:
+        """Routes RMSNorm (+ residual scaling) and the fused LM-head loss through `mode`: "auto", "triton"
+        or "torch" (zaya_train.kernels.dispatch, which logs the path each op takes at its first call).
+        Recorded in the config, which trainer checkpoints carry."""
+        check_mode(mode, "ZayaConfig.kernels")
+        self.config.kernels = mode
+        for module in self.modules():
+            if isinstance(module, (ZayaRMSNorm, ZayaLMHead)):
+                module.kernels = mode
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from zaya_train.cascade.config import CascadeConfig
 from zaya_train.experiment.config import STAGES, ExperimentConfig, check_seeds, check_stages
+from zaya_train.kernels.dispatch import MODES as KERNEL_MODES
 from zaya_train.loading import check_model_source, resolve_checkpoint
 from zaya_train.metrics import WandbConfig
 from zaya_train.model import ZayaConfig, preset
@@ -89,11 +90,14 @@ class ModelConfig:
     initializer_range: float | None = None
     temp_init: float | None = None
     gradient_checkpointing: bool = False
+    # Triton kernels (RMSNorm with the residual scaling, the fused LM-head loss): auto | triton | torch.
+    kernels: str = "auto"
     # Initial weights: an HF `zaya` directory, a trainer checkpoint or a run directory (its latest checkpoint).
     init_from: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}, expected one of {sorted(PRESETS)}")
+        _require(self.kernels in KERNEL_MODES, "model.kernels", f"must be one of {KERNEL_MODES}, got {self.kernels!r}")
         if self.init_from is not None:
             _require_model_source(self.init_from, "model.init_from")
 

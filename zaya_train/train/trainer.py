@@ -112,7 +112,8 @@ def _weights_finite(engine) -> bool:
 def _initial_model(cfg: RunConfig, model_config) -> ZayaForCausalLM:
     if cfg.model.init_from is None:
         return ZayaForCausalLM(model_config)
-    model = load_model(cfg.model.init_from, gradient_checkpointing=model_config.gradient_checkpointing)
+    model = load_model(cfg.model.init_from, gradient_checkpointing=model_config.gradient_checkpointing,
+                       kernels=model_config.kernels)
     if model.config.vocab_size != model_config.vocab_size:
         raise ConfigError(
             f"model.init_from: {cfg.model.init_from} has vocab_size {model.config.vocab_size}, the tokenizer needs "
