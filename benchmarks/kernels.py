@@ -7,11 +7,16 @@ ZAYA1-8B shapes (hidden 2048, router 256, vocabulary 262,272) in bf16:
 - linear_cross_entropy: `zaya_train.kernels.lm_head`           vs `zaya_train.model.loss` (chunked, PyTorch
   ops)
 - token_logprobs:       the same pair, temperature 0.7, a random upstream gradient per token
+- moe_experts:          `zaya_train.kernels.moe.moe_experts`     vs the model's `ZayaExperts` (sort + grouped
+  GEMMs), 16 experts of intermediate size 2048 (the zaya1_8b preset), a skip-class share of the tokens
+- cca_conv_qk:          `zaya_train.kernels.cca.cca_conv_qk`     vs the model's CCA q/k path (composed conv,
+  mean skips, QK norm with temp) at the zaya1_8b heads (8 query, 2 KV, head dim 128, 3 taps), rows of 4096
+  packed with documents of ~512 tokens, as the trainer packs them
 
 Each pair runs on the same tensors in the same process; the table gives both times, their ratio (reference /
 kernel: above 1 the kernel is faster), peak memory and the largest difference between the two outputs. The
 LM-head rows add the unfused path (logits, then F.cross_entropy) for scale. The last line is `ratio=<geometric
-mean of the four ratios>`.
+mean of the ratios>`.
 
     python benchmarks/kernels.py                        # bf16, 16384 tokens (norms), 8192 tokens (LM head)
     python benchmarks/kernels.py --lm-tokens 16384 --dtype fp32
@@ -44,6 +49,7 @@ import time
 from collections.abc import Callable
 
 HIDDEN, ROUTER_HIDDEN, VOCAB = 2048, 256, 262_272
+MOE_FFN, EXPERTS = 2048, 16
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,6 +71,7 @@ if ARGS.smoke:
     # imported.
     os.environ["TRITON_INTERPRET"] = "1"
     HIDDEN, ROUTER_HIDDEN, VOCAB = 48, 24, 300
+    MOE_FFN, EXPERTS = 24, 4  # bf16 rows a multiple of 16 bytes, as the CPU's F.grouped_mm requires
     ARGS.tokens, ARGS.lm_tokens = 37, 40
 
 import torch
@@ -79,13 +86,20 @@ if not ARGS.smoke and not torch.cuda.is_available():
     )
 
 import triton
+from torch.func import functional_call
 
+from zaya_train.kernels import cca as kernel_cca
 from zaya_train.kernels import lm_head as kernel_lm_head
+from zaya_train.kernels import moe as kernel_moe
 from zaya_train.kernels import rms_norm as kernel_norm
 from zaya_train.kernels.configs import BACKEND_OPTIONS, device_configs, device_name
 from zaya_train.model import loss as reference_lm_head
+from zaya_train.model import preset
+from zaya_train.model.cca import ZayaCCAProjection, ZayaQKNorm
 from zaya_train.model.layers import rms_norm as reference_rms_norm
 from zaya_train.model.layers import scale_residual
+from zaya_train.model.layout import build_layout
+from zaya_train.model.moe import ZayaExperts
 
 DEVICE = torch.device("cpu") if ARGS.smoke else torch.device("cuda", torch.cuda.current_device())
 DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}[ARGS.dtype]
@@ -190,7 +204,59 @@ def cases() -> list[tuple[str, Callable, Callable, Callable | None]]:
         fwd_bwd(lambda h, w: kernel_lm_head.token_logprobs(h, w, labels, 0.7), lm_leaves, [upstream]),
         fwd_bwd(unfused_logprobs, lm_leaves, [upstream]),
     )
-    return [norm, residual, loss, logprobs]
+    return [norm, residual, loss, logprobs, moe_case(), cca_case()]
+
+
+def moe_case() -> tuple[str, Callable, Callable, None]:
+    """The experts of one MoE layer on ARGS.tokens tokens: the model's torch path and the kernels share the
+    parameters, the routing (uniform over the experts and the skip class) and the router's fp32 weights."""
+    config = preset("zaya1_8b", hidden_size=HIDDEN, moe_intermediate_size=MOE_FFN, num_experts=EXPERTS,
+                    kernels="torch")
+    # Triton 3.9's interpreter multiplies bf16 tl.dot operands wrongly (it is right in fp32 and on GPUs), so the
+    # smoke run checks this row in fp32.
+    dtype = torch.float32 if ARGS.smoke else DTYPE
+    experts = ZayaExperts(config).to(DEVICE, dtype)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.copy_(randn(*param.shape, dtype=dtype, scale=0.02))
+    x, weight = leaves_of(randn(ARGS.tokens, HIDDEN, dtype=dtype), torch.rand(ARGS.tokens, device=DEVICE))
+    ids = torch.randint(0, EXPERTS + 1, (ARGS.tokens,), device=DEVICE)
+    leaves = [x, weight, experts.gate_up_proj, experts.down_proj]
+    dy = randn(ARGS.tokens, HIDDEN, dtype=dtype)
+    return (
+        "moe_experts",
+        fwd_bwd(lambda x, w, gate_up, down: experts(x, ids, w), leaves, [dy]),
+        fwd_bwd(lambda x, w, gate_up, down: kernel_moe.moe_experts(x, ids, w, gate_up, down), leaves, [dy]),
+        None,
+    )
+
+
+def cca_case() -> tuple[str, Callable, Callable, None]:
+    """The q/k path of one CCA layer on ARGS.tokens tokens, from the q|k down-projection to the normed q and k:
+    the model's torch path (`conv_with_skips`, then `ZayaQKNorm`) and the kernels share the inputs, the composed
+    conv and temp."""
+    config = preset("zaya1_8b", kernels="torch")
+    dtype = torch.float32 if ARGS.smoke else DTYPE  # the interpreter's bf16 tl.dot is wrong (see moe_case)
+    seq_len = min(4096, ARGS.tokens)
+    batch = ARGS.tokens // seq_len
+    proj, norm = ZayaCCAProjection(config, 0).to(DEVICE, dtype), ZayaQKNorm(config).to(DEVICE, dtype)
+    document_ids = (torch.rand(batch, seq_len, device=DEVICE) < (1 / 8 if ARGS.smoke else 1 / 512)).cumsum(1)
+    layout, _ = build_layout(config, batch, seq_len, DEVICE, None, None, document_ids, None, 0, None)
+    with torch.no_grad():
+        weight, bias = proj.composed_conv()
+    x = randn(batch, seq_len, config.query_dim + config.kv_dim, dtype=dtype)
+    leaves = leaves_of(x, weight, bias, norm.temp.detach().clone())
+    upstream = [randn(batch, seq_len, heads, config.head_dim, dtype=torch.float32)
+                for heads in (config.num_attention_heads, config.num_key_value_heads)]
+
+    def reference(x, weight, bias, temp):
+        q, k = proj.conv_with_skips(x, weight, bias, layout, None)
+        return functional_call(norm, {"temp": temp}, (q, k))
+
+    def kernel(x, weight, bias, temp):
+        return kernel_cca.cca_conv_qk(x, weight, bias, temp, layout.shift_valid_TBS, config.num_attention_heads)
+
+    return "cca_conv_qk", fwd_bwd(reference, leaves, upstream), fwd_bwd(kernel, leaves, upstream), None
 
 
 def header() -> None:
@@ -198,7 +264,8 @@ def header() -> None:
     backend = f"HIP {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
     print(f"device: {name}; torch {torch.__version__}, {backend}, triton {triton.__version__}")
     print(f"launch configs: {device_configs(name).name}; dtype {ARGS.dtype}; norms {ARGS.tokens} x {HIDDEN}; "
-          f"LM head {ARGS.lm_tokens} tokens x {HIDDEN} -> {VOCAB}")
+          f"LM head {ARGS.lm_tokens} tokens x {HIDDEN} -> {VOCAB}; MoE {ARGS.tokens} tokens, {EXPERTS} experts "
+          f"{HIDDEN} -> {MOE_FFN}")
 
 
 def compare() -> None:

@@ -15,7 +15,7 @@ import pytest
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-KERNEL_MODULES = ("rms_norm", "lm_head")
+KERNEL_MODULES = ("rms_norm", "lm_head", "moe", "cca")
 
 
 def _is_interpreted(fn) -> bool:

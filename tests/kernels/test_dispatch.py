@@ -16,7 +16,7 @@ from zaya_train.model import ZayaConfig, ZayaForCausalLM, preset
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
-OPS = ("rms_norm", "residual_rms_norm", "linear_cross_entropy", "token_logprobs")
+OPS = ("rms_norm", "residual_rms_norm", "linear_cross_entropy", "token_logprobs", "moe_experts", "cca_conv_qk")
 
 TORCH_AND_AUTO_ON_CPU = """
 import io, json, logging, sys

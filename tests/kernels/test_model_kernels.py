@@ -2,6 +2,8 @@
 same model with them off (`kernels="torch"`, the PyTorch references): logits, the fused training loss and the
 per-token log-probabilities at a temperature, and every parameter's gradient; and the kernels did run."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -12,8 +14,11 @@ from zaya_train.model import ZayaForCausalLM, preset
 def launches(interpret, monkeypatch):
     """Counts the calls of each kernel entry point the model routes through."""
     counts = {}
+    moe = importlib.import_module("zaya_train.kernels.moe")
+    cca = importlib.import_module("zaya_train.kernels.cca")
     for module, name in [(interpret.rms_norm, "rms_norm"), (interpret.rms_norm, "residual_rms_norm"),
-                         (interpret.lm_head, "linear_cross_entropy"), (interpret.lm_head, "token_logprobs")]:
+                         (interpret.lm_head, "linear_cross_entropy"), (interpret.lm_head, "token_logprobs"),
+                         (moe, "moe_experts"), (cca, "cca_conv_qk")]:
         original = getattr(module, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
@@ -60,6 +65,8 @@ def test_nano_model_with_kernels_equals_without(launches):
     # Per forward: 2 plain norms per layer (input, router) + the final one; one fused norm per layer.
     assert launches["residual_rms_norm"] >= 3 * 4 and launches["rms_norm"] >= 3 * 9
     assert launches["linear_cross_entropy"] == 1 and launches["token_logprobs"] == 1
+    assert launches["moe_experts"] == 3 * 4  # one per layer per forward
+    assert launches["cca_conv_qk"] == 3 * 4  # one per attention layer per forward
     assert kernels.keys() == reference.keys()
     for name, want in reference.items():
         torch.testing.assert_close(kernels[name], want, atol=1e-5, rtol=1e-4, msg=name)

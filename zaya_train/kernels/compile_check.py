@@ -43,6 +43,47 @@ _SOFTMAX_CE = {
     "logits_ptr": "*bf16", "stride_logits": "i64", "target_ptr": "*i64", "lse_ptr": "*fp32",
     "logprob_ptr": "*fp32", "coef_ptr": "*fp32", "V": "i32", "temperature": "fp32", "ignore_index": "i32",
 }
+# CCA q/k path: bf16 projection and parameters, uint8 shift masks, fp32 q, k and gradients of them.
+_CCA_CONV = {
+    "x_ptr": "*bf16", "stride_xb": "i32", "stride_xs": "i32", "w_ptr": "*bf16", "bias_ptr": "*bf16",
+    "valid_ptr": "*u8",
+}
+_CCA_DIMS = {"S": "i32", "N": "i32", "H": "i32", "Q": "i32", "GROUP": "i32", "D": "i32"}
+_CCA_NORM = {"scale": "fp32", "eps": "fp32"}
+_CCA_FWD = _CCA_CONV | {"temp_ptr": "*bf16", "q_ptr": "*fp32", "k_ptr": "*fp32"} | _CCA_DIMS | _CCA_NORM
+_CCA_BWD_NORM = _CCA_CONV | {
+    "temp_ptr": "*bf16", "dq_ptr": "*fp32", "dk_ptr": "*fp32", "du_ptr": "*fp32", "part_ptr": "*fp32",
+} | _CCA_DIMS | _CCA_NORM
+_CCA_BWD_INPUT = {"du_ptr": "*fp32", "w_ptr": "*bf16", "valid_ptr": "*u8", "dx_ptr": "*bf16"} | _CCA_DIMS
+_CCA_BWD_WEIGHT = {
+    "du_ptr": "*fp32", "x_ptr": "*bf16", "stride_xb": "i32", "stride_xs": "i32", "valid_ptr": "*u8",
+    "part_w_ptr": "*fp32", "part_b_ptr": "*fp32", "S": "i32", "N": "i32", "H": "i32", "D": "i32",
+    "rows_per_program": "i32",
+}
+# MoE experts: bf16 activations and weights, the router's fp32 weight, int64 ids, int32 order and offsets.
+_MOE_SLOTS = {"ids_ptr": "*i64", "first_ptr": "*i32", "order_ptr": "*i32", "N": "i32", "E": "i32"}
+_MOE_GATE_UP = {
+    "x_ptr": "*bf16", "stride_x": "i32", "order_ptr": "*i32", "offsets_ptr": "*i32", "w_ptr": "*bf16",
+    "stride_we": "i32", "stride_wf": "i32", "act_ptr": "*bf16", "stride_act": "i32", "h_ptr": "*bf16",
+    "stride_h": "i32", "D": "i32", "F": "i32", "E": "i32",
+}
+_MOE_DOWN = {
+    "a_ptr": "*bf16", "stride_a": "i32", "order_ptr": "*i32", "offsets_ptr": "*i32", "w_ptr": "*bf16",
+    "stride_we": "i32", "stride_wk": "i32", "stride_wd": "i32", "weight_ptr": "*fp32", "ids_ptr": "*i64",
+    "out_ptr": "*bf16", "stride_out": "i32", "K": "i32", "D": "i32", "E": "i32",
+}
+_MOE_DOWN_BWD = {
+    "dy_ptr": "*bf16", "stride_dy": "i32", "order_ptr": "*i32", "offsets_ptr": "*i32", "w_ptr": "*bf16",
+    "stride_we": "i32", "stride_wd": "i32", "h_ptr": "*bf16", "stride_h": "i32", "weight_ptr": "*fp32",
+    "ids_ptr": "*i64", "dh_ptr": "*bf16", "stride_dh": "i32", "dweight_ptr": "*fp32", "stride_dweight": "i32",
+    "D": "i32", "F": "i32", "E": "i32",
+}
+_MOE_WGRAD = {
+    "p_ptr": "*bf16", "stride_p": "i32", "q_ptr": "*bf16", "stride_q": "i32", "order_ptr": "*i32",
+    "offsets_ptr": "*i32", "weight_ptr": "*fp32", "ids_ptr": "*i64", "dw_ptr": "*bf16", "stride_dwe": "i32",
+    "stride_dwm": "i32", "M": "i32", "K": "i32", "E": "i32",
+}
+# BLOCK_E: ZAYA1's 16 experts.
 VARIANTS = {
     "rms_norm_fwd": ("rms_norm", "_rms_norm_fwd_kernel", _NORM_FWD, [
         {"HAS_SCALING": True}, {"HAS_SCALING": False},
@@ -55,6 +96,26 @@ VARIANTS = {
         {"HAS_LSE": False, "HAS_GRAD": True}, {"HAS_LSE": True, "HAS_GRAD": True},
         {"HAS_LSE": False, "HAS_GRAD": False},
     ]),
+    # TAPS: ZAYA1's cca_time0 + cca_time1 - 1.
+    "cca_fwd": ("cca", "_cca_fwd_kernel", _CCA_FWD, [{"HAS_MASK": True, "TAPS": 3}, {"HAS_MASK": False, "TAPS": 3}]),
+    "cca_bwd_norm": ("cca", "_cca_bwd_norm_kernel", _CCA_BWD_NORM, [
+        {"HAS_MASK": True, "TAPS": 3}, {"HAS_MASK": False, "TAPS": 3},
+    ]),
+    "cca_bwd_input": ("cca", "_cca_bwd_input_kernel", _CCA_BWD_INPUT, [
+        {"HAS_MASK": True, "TAPS": 3}, {"HAS_MASK": False, "TAPS": 3},
+    ]),
+    "cca_bwd_weight": ("cca", "_cca_bwd_weight_kernel", _CCA_BWD_WEIGHT, [
+        {"HAS_MASK": True, "TAPS": 3}, {"HAS_MASK": False, "TAPS": 3},
+    ]),
+    "moe_permute": ("moe", "_token_slots_kernel", _MOE_SLOTS, [{"BLOCK_E": 16}]),
+    "moe_gate_up": ("moe", "_gate_up_kernel", _MOE_GATE_UP, [
+        {"SAVE_H": True, "BLOCK_E": 16}, {"SAVE_H": False, "BLOCK_E": 16},
+    ]),
+    "moe_down": ("moe", "_down_kernel", _MOE_DOWN, [
+        {"HAS_WEIGHT": True, "BLOCK_E": 16}, {"HAS_WEIGHT": False, "BLOCK_E": 16},
+    ]),
+    "moe_down_bwd": ("moe", "_down_bwd_kernel", _MOE_DOWN_BWD, [{"BLOCK_E": 16}]),
+    "moe_wgrad": ("moe", "_expert_wgrad_kernel", _MOE_WGRAD, [{"DOWN": True}, {"DOWN": False}]),
 }
 
 
@@ -123,7 +184,7 @@ def check(all_variants: bool = False, out=sys.stdout) -> list[str]:
             for size in sorted(configs.kernels.get(kernel, {})):
                 entry = {**_by_size(DEFAULTS[kernel], size), **configs.kernels[kernel][size]}
                 meta = {k: v for k, v in entry.items() if k.isupper()}
-                if kernel.startswith("rms_norm"):
+                if kernel.startswith(("rms_norm", "cca_")):  # a whole row / head per program
                     meta["BLOCK_D"] = triton.next_power_of_2(size)
                 options = {k: v for k, v in entry.items() if k in BACKEND_OPTIONS[configs.backend]}
                 for variant in variants if all_variants else variants[:1]:

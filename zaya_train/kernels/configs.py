@@ -7,10 +7,10 @@
 A device file names the devices it serves by substrings of `torch.cuda.get_device_name()` ("MI300X" matches
 "AMD Instinct MI300X"), its backend ("hip" or "cuda") and architecture ("gfx942", "sm_90": what `python -m
 zaya_train.kernels.compile_check` compiles the entries for, offline, with no GPU), and per kernel a table
-keyed by problem size (the hidden size for the norms, the vocabulary for the cross-entropy); a launch takes
-the entry with the smallest key >= its size, else the largest. Every entry is merged over the built-in
-`DEFAULTS`, so a file may set a single knob, and a device with no file (or a CPU under the Triton interpreter,
-which ignores compiler options) runs on the defaults alone.
+keyed by problem size (the hidden size for the norms, the vocabulary for the cross-entropy, the head dim for
+CCA); a launch takes the entry with the smallest key >= its size, else the largest. Every entry is merged over
+the built-in `DEFAULTS`, so a file may set a single knob, and a device with no file (or a CPU under the Triton
+interpreter, which ignores compiler options) runs on the defaults alone.
 
 Keys, checked when a file is loaded (a typo fails at start, naming the file and key):
 - UPPER_CASE: `tl.constexpr` meta-parameters of the kernel (BLOCK_N, BLOCK_D, BLOCK_V);
@@ -62,6 +62,35 @@ DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {
     },
     "lm_head": {
         262144: {"chunk_tokens": 1024},
+    },
+    # CCA q/k path (zaya_train.kernels.cca), keyed by the head dim: one head's [BLOCK_S, d] tile per program.
+    "cca_fwd": {
+        128: {"BLOCK_S": 32, "BLOCK_K": 32, "num_warps": 4},
+    },
+    "cca_bwd_norm": {
+        128: {"BLOCK_S": 32, "BLOCK_K": 32, "num_warps": 8},
+    },
+    "cca_bwd_input": {
+        128: {"BLOCK_S": 32, "BLOCK_K": 32, "num_warps": 8},
+    },
+    "cca_bwd_weight": {
+        128: {"BLOCK_S": 32, "num_warps": 8, "programs_per_sm": 2},
+    },
+    # MoE experts (zaya_train.kernels.moe), keyed by the hidden size (moe_permute: by the token count).
+    "moe_permute": {
+        65536: {"BLOCK_T": 256, "num_warps": 4},
+    },
+    "moe_gate_up": {
+        2048: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8},
+    },
+    "moe_down": {
+        2048: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4},
+    },
+    "moe_down_bwd": {
+        2048: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8},
+    },
+    "moe_wgrad": {
+        2048: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4},
     },
 }
 

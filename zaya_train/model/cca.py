@@ -10,6 +10,9 @@ causal conv over `cca_time0 + cca_time1 - 1` taps whose kernel is the two kernel
 from their biases). Plain rows run it as one `conv1d`; packed rows run it tap by tap so that a tap reaching
 into an earlier document can be zeroed for the positions it would cross into, which makes packing exact.
 
+On the Triton path (`kernels`, from ZayaConfig.kernels) the convolution, the skips and the QK norm run fused
+(zaya_train.kernels.cca) whenever there is no decode cache; this file's ops are their reference.
+
 Shape suffixes: B batch, S sequence, D hidden, C conv channels (q + k latent), H conv groups (query + KV heads),
 T taps, d head dim (i in, o out), Q query heads, G KV heads, g queries per KV head, V value channels.
 """
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya_train.kernels.dispatch import use_triton
 from zaya_train.kernels.linear import linear
 from zaya_train.model.attention import attention
 from zaya_train.model.cache import ZayaCache
@@ -125,15 +129,12 @@ class ZayaCCAProjection(nn.Module):
             out_BSHd = out_BSHd + torch.einsum("bshi,hoi->bsho", x_BSHd, weight_HoiT[..., history - shift])
         return out_BSHd.reshape(batch, seq_len, channels)
 
-    def forward(
-        self, x_BSD: torch.Tensor, layout: SequenceLayout, cache: ZayaCache | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns pre-norm q [B,S,Q,d], k [B,S,G,d] (fp32) and v [B,S,G,d]."""
-        batch, seq_len, _ = x_BSD.shape
-        if layout.pad_zero_mask_BS is not None:
-            x_BSD = x_BSD * layout.pad_zero_mask_BS[..., None].to(x_BSD.dtype)
-        proj_weight, proj_bias, conv_weight, conv_bias = self.fused_weights()
-        qk_pre_BSC, v_cur_BSV, v_del_BSV = self.projections(x_BSD, proj_weight, proj_bias)
+    def conv_with_skips(
+        self, qk_pre_BSC: torch.Tensor, weight_CdT: torch.Tensor, bias_C: torch.Tensor, layout: SequenceLayout,
+        cache: ZayaCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm q [B,S,Q,d] and k [B,S,G,d] (fp32): the composed convolution plus the mean skips."""
+        batch, seq_len, _ = qk_pre_BSC.shape
         q_dim = self.num_heads * self.head_dim
 
         # Mean skips (fp32): every query head averages with its KV head; each KV head takes its group's mean.
@@ -143,11 +144,33 @@ class ZayaCCAProjection(nn.Module):
         q_res_BSGgd = 0.5 * (q_res_BSGgd + k_pre_BSG1d)
         k_res_BSGd = q_res_BSGgd.mean(dim=3)
 
-        conv_BSC = self.causal_conv(qk_pre_BSC, conv_weight, conv_bias, layout, cache).float()
+        conv_BSC = self.causal_conv(qk_pre_BSC, weight_CdT, bias_C, layout, cache).float()
         q_BSQd = conv_BSC[..., :q_dim].view(batch, seq_len, self.num_heads, self.head_dim) + q_res_BSGgd.reshape(
             batch, seq_len, self.num_heads, self.head_dim
         )
         k_BSGd = conv_BSC[..., q_dim:].view(batch, seq_len, self.num_kv_heads, self.head_dim) + k_res_BSGd
+        return q_BSQd, k_BSGd
+
+    def forward(
+        self, x_BSD: torch.Tensor, layout: SequenceLayout, cache: ZayaCache | None,
+        norm_temp_G: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns pre-norm q [B,S,Q,d], k [B,S,G,d] (fp32) and v [B,S,G,d]. Given `norm_temp_G` (ZayaQKNorm's
+        temp; the Triton path, without a cache) q and k come out normalised as ZayaQKNorm makes them, from the
+        fused kernels of zaya_train.kernels.cca."""
+        batch, seq_len, _ = x_BSD.shape
+        if layout.pad_zero_mask_BS is not None:
+            x_BSD = x_BSD * layout.pad_zero_mask_BS[..., None].to(x_BSD.dtype)
+        proj_weight, proj_bias, conv_weight, conv_bias = self.fused_weights()
+        qk_pre_BSC, v_cur_BSV, v_del_BSV = self.projections(x_BSD, proj_weight, proj_bias)
+        if norm_temp_G is not None:
+            from zaya_train.kernels.cca import cca_conv_qk
+
+            q_BSQd, k_BSGd = cca_conv_qk(
+                qk_pre_BSC, conv_weight, conv_bias, norm_temp_G, layout.shift_valid_TBS, self.num_heads
+            )
+        else:
+            q_BSQd, k_BSGd = self.conv_with_skips(qk_pre_BSC, conv_weight, conv_bias, layout, cache)
 
         # Values: current channels from x_t, delayed channels from x_{t-1} (zero input before a sequence start).
         empty_V = self.v_proj_delayed.bias if self.v_proj_delayed.bias is not None else v_del_BSV.new_zeros(v_del_BSV.shape[-1])
@@ -188,6 +211,9 @@ class ZayaAttention(nn.Module):
         self.layer_type = config.layer_types[layer_idx]
         self.window = config.sliding_window if self.layer_type == "hybrid_sliding" else None
         self.head_dim = config.head_dim
+        # "auto" | "triton" | "torch", set by the model from ZayaConfig.kernels: the Triton path fuses the q/k
+        # convolution, skips and QK norm (zaya_train.kernels.cca); decoding with a cache keeps this file's ops.
+        self.kernels = config.kernels
         self.qkv_proj = ZayaCCAProjection(config, layer_idx)
         self.qk_norm = ZayaQKNorm(config)
         self.o_proj = Linear(config.query_dim, config.hidden_size, bias=config.attention_bias)
@@ -200,8 +226,11 @@ class ZayaAttention(nn.Module):
         cache: ZayaCache | None,
     ) -> torch.Tensor:
         batch, seq_len, _ = x_BSD.shape
-        q_BSQd, k_BSGd, v_BSGd = self.qkv_proj(x_BSD, layout, cache)
-        q_BSQd, k_BSGd = self.qk_norm(q_BSQd, k_BSGd)
+        if cache is None and use_triton("cca_conv_qk", self.kernels, x_BSD.device):
+            q_BSQd, k_BSGd, v_BSGd = self.qkv_proj(x_BSD, layout, cache, self.qk_norm.temp)
+        else:
+            q_BSQd, k_BSGd, v_BSGd = self.qkv_proj(x_BSD, layout, cache)
+            q_BSQd, k_BSGd = self.qk_norm(q_BSQd, k_BSGd)
         cos, sin = rope
         dtype = x_BSD.dtype
         q_BSQd = apply_partial_rope(q_BSQd, cos, sin).to(dtype)

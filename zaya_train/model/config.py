@@ -62,9 +62,10 @@ class ZayaConfig:
     temp_init: float = 1.0
     # Checkpoint each decoder layer's activations and recompute them in the backward pass.
     gradient_checkpointing: bool = False
-    # Triton kernels for RMSNorm (+ residual scaling) and the fused LM-head loss: "auto" (on a GPU where
-    # Triton imports), "triton" (also the CPU interpreter under TRITON_INTERPRET=1) or "torch" (the PyTorch
-    # references); see zaya_train.kernels.dispatch. The same numbers up to rounding; not in HF configs.
+    # Triton kernels for RMSNorm (+ residual scaling), CCA's convolutions + QK norm, the MoE experts and the fused
+    # LM-head loss: "auto" (on a GPU where Triton imports), "triton" (also the CPU interpreter under
+    # TRITON_INTERPRET=1) or "torch" (the PyTorch references); see zaya_train.kernels.dispatch. The same numbers
+    # up to rounding; not in HF configs.
     kernels: str = "auto"
 
     def __post_init__(self) -> None:

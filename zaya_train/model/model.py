@@ -140,13 +140,13 @@ class ZayaForCausalLM(nn.Module):
             self.init_weights()
 
     def set_kernels(self, mode: str) -> None:
-        """Routes RMSNorm (+ residual scaling) and the fused LM-head loss through `mode`: "auto", "triton"
-        or "torch" (zaya_train.kernels.dispatch, which logs the path each op takes at its first call).
-        Recorded in the config, which trainer checkpoints carry."""
+        """Routes RMSNorm (+ residual scaling), the CCA q/k path, the MoE experts and the fused LM-head loss
+        through `mode`: "auto", "triton" or "torch" (zaya_train.kernels.dispatch, which logs the path each op
+        takes at its first call). Recorded in the config, which trainer checkpoints carry."""
         check_mode(mode, "ZayaConfig.kernels")
         self.config.kernels = mode
         for module in self.modules():
-            if isinstance(module, (ZayaRMSNorm, ZayaLMHead)):
+            if isinstance(module, (ZayaRMSNorm, ZayaLMHead, ZayaExperts, ZayaAttention)):
                 module.kernels = mode
 
     @torch.no_grad()

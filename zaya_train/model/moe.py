@@ -16,21 +16,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya_train.kernels.dispatch import use_triton
 from zaya_train.kernels.linear import grouped_linear
 from zaya_train.model.config import ZayaConfig
 from zaya_train.model.router import ZayaRouter
 
 
 class ZayaExperts(nn.Module):
-    """E SwiGLU experts stored as HF does: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]."""
+    """E SwiGLU experts stored as HF does: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F].
+    `kernels` (set by the model from ZayaConfig.kernels) chooses the Triton kernels (zaya_train.kernels.moe)
+    or the PyTorch ops below, their reference (see zaya_train.kernels.dispatch)."""
 
     def __init__(self, config: ZayaConfig) -> None:
         super().__init__()
         self.num_experts = config.num_experts
+        self.kernels = config.kernels
         self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * config.moe_intermediate_size, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.moe_intermediate_size))
 
     def forward(self, x_ND: torch.Tensor, ids_N: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
+        if use_triton("moe_experts", self.kernels, x_ND.device):
+            from zaya_train.kernels.moe import moe_experts
+
+            return moe_experts(x_ND, ids_N, weight_N, self.gate_up_proj, self.down_proj)
         # Skip-class tokens run through expert 0 with weight 0 (output exactly 0, no gradient), as in HF: the
         # shapes then never depend on the routing, so GPU dispatch needs no host sync and compiles to one graph.
         skip_N = ids_N == self.num_experts
