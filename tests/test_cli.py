@@ -103,3 +103,25 @@ def test_train_then_export_loads_in_transformers(tmp_path):
     engine = RolloutEngine.from_pretrained(run_dir)
     for name, tensor in ours.state_dict().items():
         assert torch.equal(engine.model.state_dict()[name], tensor), name
+
+
+def _report_run_dir(rank: int, port: int, out_dir: str) -> None:
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from zaya_train.cli import _rank0_run_dir
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    # Each rank resolved the default run_dir at its own second.
+    chosen = _rank0_run_dir(Path(f"runs/nano_pretrain/20261203-20000{rank}"))
+    Path(out_dir, f"rank{rank}").write_text(str(chosen))
+    dist.destroy_process_group()
+
+
+def test_every_rank_writes_to_rank_0s_run_dir(tmp_path):
+    from zaya_train.train.engine import _free_port
+
+    torch.multiprocessing.spawn(_report_run_dir, args=(_free_port(), str(tmp_path)), nprocs=2)
+    assert {(tmp_path / f"rank{r}").read_text() for r in (0, 1)} == {"runs/nano_pretrain/20261203-200000"}

@@ -6,7 +6,8 @@
     zaya-train recipe=export checkpoint=runs/nano/... out=exports/nano
     zaya-train recipe=eval_rsa checkpoint=runs/nano/... eval.data=nano_chain_sum rsa.t=2
     zaya-train recipe=build_aggregation_sft aggregation_sft.problems=p.jsonl aggregation_sft.teacher=exports/t
-    zaya-train recipe=zaya1_sft data.path=chats.jsonl data.mix_path=runs/agg/aggregation_sft.jsonl ...
+    zaya-train recipe=zaya1_sft data.sources.0.path=long_cot.jsonl ... data.mix_path=runs/agg/aggregation_sft.jsonl
+    zaya-train recipe=zaya1_midtrain ... --validate    # compose and check the config, run nothing (exit 0 / 2)
     zaya-train recipe=rl model.init_from=runs/nano/... rl.codesign.share=0.5 rl.codesign.rounds=2
     zaya-train recipe=nano_cascade                     # the ZAYA1 RL cascade's stages back to back, toy size
     zaya-train recipe=plan model=zaya1_8b cluster=mi300x nodes=128   # memory, FLOPs and time of a run, no GPU
@@ -179,6 +180,8 @@ def _task(cfg: DictConfig) -> None:
         return
     from zaya_train.train.trainer import train
 
+    run_dir = _rank0_run_dir(run_dir)
+    run_cfg.run_dir = str(run_dir)
     with _run_errors():
         summary = train(run_cfg, run_dir, source_factory=source_factory(run_cfg.recipe))
     import torch.distributed as dist
@@ -186,6 +189,23 @@ def _task(cfg: DictConfig) -> None:
     if dist.get_rank() == 0:
         print(f"zaya-train: {run_cfg.recipe} stopped at step {summary['step']} ({summary['reason']}), "
               f"loss {summary['loss']:.4f}; outputs in {run_dir}")
+
+
+def _rank0_run_dir(run_dir: Path) -> Path:
+    """Rank 0's run directory on every rank: the default `runs/${recipe}/${now:...}` is resolved in each process,
+    and ranks that start in different seconds would otherwise write to different directories."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return run_dir
+    import torch.distributed as dist
+
+    from zaya_train.train.engine import init_distributed
+
+    init_distributed()
+    chosen = [str(run_dir)]
+    dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
 
 
 def source_factory(recipe: str):
@@ -279,6 +299,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     _register_schema()
     overrides = [a for a in rest if not a.startswith("-")]
+    if "--validate" in rest:
+        try:
+            check_config(recipe, overrides)
+        except ConfigError as err:
+            print(f"zaya-train: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+        print(f"zaya-train: the {recipe} config is valid")
+        return
     informational = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") or a.startswith("--cfg") for a in rest)
     if not informational:
         from zaya_train.kernels.linear import cpu_gemm_route

@@ -69,7 +69,8 @@ def test_answers_alone_too_long_is_dropped(word_tokenizer):
 def test_counts_over_a_dataset(word_tokenizer):
     kept, stats = trim_conversations([SINGLE, MULTI, MULTI[:2]], word_tokenizer, 14)
     # SINGLE 19 -> 14 keeps 1 of 6 reasoning tokens; MULTI -> dropped; MULTI[:2] = 1 + 3 + 8 = 12 -> unchanged.
-    assert stats == TrimStats(samples=3, unchanged=1, trimmed=1, earlier_thinking_removed=0, dropped=1)
+    assert stats == TrimStats(samples=3, unchanged=1, trimmed=1, earlier_thinking_removed=0, dropped=1,
+                              dropped_indices=[1])
     assert [c[-1]["content"] for c in kept] == ["<think>a</think>it is two", "<think>a b c</think>\none"]
     _, stats = trim_conversations([MULTI], word_tokenizer, 16)
     assert stats.as_dict() == {

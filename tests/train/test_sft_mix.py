@@ -105,7 +105,8 @@ def test_zaya1_sft_trains_on_the_mix(files, tmp_path):
     root, chats, mix, _ = files
     run_dir = tmp_path / "run"
     args = ["recipe=zaya1_sft", "model=nano", f"model.init_from={root / 'base'}",
-            "model.gradient_checkpointing=false", f"data.path={chats}", f"data.tokenizer={root}/tokenizer",
+            "model.gradient_checkpointing=false", f"data.sources=[{{name:chats,path:{chats}}}]",
+            "trainer.context_parallel=1", f"data.tokenizer={root}/tokenizer",
             f"data.mix_path={mix}", f"data.mix_share={SHARE}", f"data.seq_len={SEQ_LEN}",
             "data.micro_batch_size=2", "deepspeed=zero0", "optim=adamw", "trainer.max_steps=2",
             "trainer.save_interval=2", "schedule.warmup_steps=1", "trainer.progress_bar=false",
@@ -144,7 +145,7 @@ def test_zaya1_sft_trains_on_the_mix(files, tmp_path):
 def test_bad_mix_settings_name_the_key(files, overrides, key):
     root, chats, mix, _ = files
     _register_schema()
-    base = [f"model.init_from={root / 'base'}", f"data.path={chats}", f"data.tokenizer={root / 'tokenizer'}",
-            f"data.mix_path={mix}"]
+    base = [f"model.init_from={root / 'base'}", f"data.sources=[{{name:chats,path:{chats}}}]",
+            "trainer.context_parallel=1", f"data.tokenizer={root / 'tokenizer'}", f"data.mix_path={mix}"]
     with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.") + ": "):
         check_config("zaya1_sft", [*base, *overrides])

@@ -18,7 +18,7 @@ With `num_epochs` set the loader stops before the first global step that would r
 at once (so no rank waits on a collective the others never reach).
 
     loader = PackedLoader(windows, LoaderConfig(micro_batch_size=8, seed=0), rank=rank, world_size=world)
-    for batch in loader:   # {"input_ids", "labels", "document_ids"}: LongTensor [B, S]
+    for batch in loader:   # {"input_ids", "labels", "document_ids"(, "source_ids")}: LongTensor [B, S]
         out = model(batch["input_ids"], document_ids=batch["document_ids"], labels=batch["labels"])
     ckpt["data"] = loader.state_dict();  ...;  loader.load_state_dict(ckpt["data"])
 """
@@ -154,7 +154,10 @@ class PackedLoader:
         if rows is None:
             raise StopIteration
         self.position += self.global_batch_size
+        names = ["input_ids", "labels", "document_ids"]
+        if all(row.source_ids is not None for row in rows):
+            names.append("source_ids")
         return {
             name: torch.from_numpy(np.stack([np.asarray(getattr(row, name), dtype=np.int64) for row in rows]))
-            for name in ("input_ids", "labels", "document_ids")
+            for name in names
         }

@@ -7,6 +7,9 @@ document is always -100, so no document's last token is trained to predict the n
 Document ids are numbered 0, 1, ... within each window; trailing padding is document -1, `pad_id` tokens with
 label -100 (packed mode takes no attention mask: a negative id fences padding off as its own document and keeps
 it out of the expert load counts).
+Windows built from a mixture of sources (`zaya_train.data.weighted`) carry a fourth array, `source_ids`: the index
+of the source each token came from (-1 on padding), so the trainer can log the share each source actually
+delivers.
 
 Pretraining (`pack_pretrain`, streaming, greedy in stream order):
 - each document becomes `[BOS] + ids + [EOS]` (each optional, `PretrainPackConfig.add_bos/add_eos`); the
@@ -32,6 +35,7 @@ import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,24 +50,46 @@ class PackedWindow:
     input_ids: np.ndarray
     labels: np.ndarray
     document_ids: np.ndarray
+    source_ids: np.ndarray | None = None
 
 
-def _finish_window(pieces: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int) -> PackedWindow:
-    """Concatenate (ids, labels) pieces as consecutive documents, mask each document start and pad to seq_len."""
+class SourcedDocument(NamedTuple):
+    """A document's token ids and the index of the source it came from, for `pack_pretrain`."""
+
+    ids: Sequence[int]
+    source: int
+
+
+@dataclass
+class _Piece:
+    ids: np.ndarray
+    labels: np.ndarray
+    source: int | None = None
+
+
+def _finish_window(pieces: list[_Piece], seq_len: int, pad_id: int) -> PackedWindow:
+    """Concatenate pieces as consecutive documents, mask each document start and pad to seq_len. `source_ids`
+    only when every piece names its source."""
     ids, labels, docs = [], [], []
-    for doc, (piece_ids, piece_labels) in enumerate(pieces):
-        piece_labels = piece_labels.copy()
+    for doc, piece in enumerate(pieces):
+        piece_labels = piece.labels.copy()
         piece_labels[0] = IGNORE_INDEX
-        ids.append(piece_ids)
+        ids.append(piece.ids)
         labels.append(piece_labels)
-        docs.append(np.full(len(piece_ids), doc, dtype=np.int64))
+        docs.append(np.full(len(piece.ids), doc, dtype=np.int64))
     pad = seq_len - sum(len(p) for p in ids)
     assert pad >= 0
+    sources = None
+    if pieces and all(piece.source is not None for piece in pieces):
+        sources = np.concatenate(
+            [np.full(len(piece.ids), piece.source, dtype=np.int64) for piece in pieces]
+            + [np.full(pad, PAD_DOCUMENT, dtype=np.int64)]
+        )
     if pad:
         ids.append(np.full(pad, pad_id, dtype=np.int64))
         labels.append(np.full(pad, IGNORE_INDEX, dtype=np.int64))
         docs.append(np.full(pad, PAD_DOCUMENT, dtype=np.int64))
-    return PackedWindow(np.concatenate(ids), np.concatenate(labels), np.concatenate(docs))
+    return PackedWindow(np.concatenate(ids), np.concatenate(labels), np.concatenate(docs), sources)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -102,13 +128,13 @@ class PackStats:
 
 
 def pack_pretrain(
-    documents: Iterable[Sequence[int]], config: PretrainPackConfig, stats: PackStats | None = None
+    documents: Iterable[Sequence[int] | SourcedDocument], config: PretrainPackConfig, stats: PackStats | None = None
 ) -> Iterator[PackedWindow]:
     """Yield windows from token-id documents (without special tokens) in stream order; `stats` is updated as
-    windows are yielded. The last window is padded."""
+    windows are yielded. The last window is padded. `SourcedDocument`s give the windows `source_ids`."""
     stats = stats if stats is not None else PackStats()
     seq_len = config.seq_len
-    open_pieces: list[tuple[np.ndarray, np.ndarray]] = []
+    open_pieces: list[_Piece] = []
     used = 0
 
     def emit() -> PackedWindow:
@@ -120,7 +146,8 @@ def pack_pretrain(
         return window
 
     for doc in documents:
-        body = list(doc)
+        source = doc.source if isinstance(doc, SourcedDocument) else None
+        body = list(doc.ids if isinstance(doc, SourcedDocument) else doc)
         if not body:
             stats.empty_documents += 1
             continue
@@ -136,7 +163,7 @@ def pack_pretrain(
             piece = ids[start : start + seq_len]
             if used + len(piece) > seq_len:
                 yield emit()
-            open_pieces.append((piece, piece))
+            open_pieces.append(_Piece(piece, piece, source))
             used += len(piece)
             if used == seq_len:
                 yield emit()
@@ -152,6 +179,7 @@ def pack_pretrain(
 class SFTExample:
     input_ids: np.ndarray
     labels: np.ndarray
+    source: int | None = None  # the index of the source it came from, in a mixture of sources
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -220,7 +248,8 @@ def pack_sft(
         raise ValueError(f"pack_sft seq_len={seq_len} must be positive")
     bins, too_long = best_fit_decreasing([len(e) for e in examples], seq_len)
     windows = [
-        _finish_window([(examples[i].input_ids, examples[i].labels) for i in b], seq_len, pad_id)
+        _finish_window([_Piece(examples[i].input_ids, examples[i].labels, examples[i].source) for i in b],
+                       seq_len, pad_id)
         for b in bins
     ]
     tokens = sum(len(examples[i]) for b in bins for i in b)
@@ -239,29 +268,39 @@ def pack_sft(
 
 
 class WindowArrays(Sequence[PackedWindow]):
-    """Windows as three [N, S] int64 arrays: random access for the loader, saved as .npy and memory-mapped back."""
+    """Windows as three (four with `source_ids`) [N, S] int64 arrays: random access for the loader, saved as .npy
+    and memory-mapped back."""
 
     FIELDS = ("input_ids", "labels", "document_ids")
+    OPTIONAL = "source_ids"
 
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, document_ids: np.ndarray) -> None:
-        if not input_ids.shape == labels.shape == document_ids.shape or input_ids.ndim != 2:
-            raise ValueError(
-                f"WindowArrays needs three equal [N, S] arrays, got {input_ids.shape}, {labels.shape}, "
-                f"{document_ids.shape}"
-            )
+    def __init__(
+        self, input_ids: np.ndarray, labels: np.ndarray, document_ids: np.ndarray,
+        source_ids: np.ndarray | None = None,
+    ) -> None:
+        shapes = [a.shape for a in (input_ids, labels, document_ids, source_ids) if a is not None]
+        if len(set(shapes)) != 1 or input_ids.ndim != 2:
+            raise ValueError(f"WindowArrays needs equal [N, S] arrays, got {shapes}")
         self.input_ids, self.labels, self.document_ids = input_ids, labels, document_ids
+        self.source_ids = source_ids
+
+    @property
+    def _present(self) -> tuple[str, ...]:
+        return self.FIELDS + ((self.OPTIONAL,) if self.source_ids is not None else ())
 
     @classmethod
     def from_windows(cls, windows: Iterable[PackedWindow]) -> WindowArrays:
         windows = list(windows)
         if not windows:
             raise ValueError("WindowArrays.from_windows: no windows")
-        return cls(*(np.stack([getattr(w, name) for w in windows]) for name in cls.FIELDS))
+        arrays = [np.stack([getattr(w, name) for w in windows]) for name in cls.FIELDS]
+        sourced = all(w.source_ids is not None for w in windows)
+        return cls(*arrays, np.stack([w.source_ids for w in windows]) if sourced else None)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for name in self.FIELDS:
+        for name in self._present:
             np.save(directory / f"{name}.npy", getattr(self, name))
 
     @classmethod
@@ -271,10 +310,15 @@ class WindowArrays(Sequence[PackedWindow]):
         if missing:
             raise ValueError(f"WindowArrays.load: {str(directory)!r} lacks {missing}")
         mode = "r" if mmap else None
-        return cls(*(np.load(directory / f"{name}.npy", mmap_mode=mode) for name in cls.FIELDS))
+        optional = directory / f"{cls.OPTIONAL}.npy"
+        return cls(
+            *(np.load(directory / f"{name}.npy", mmap_mode=mode) for name in cls.FIELDS),
+            np.load(optional, mmap_mode=mode) if optional.is_file() else None,
+        )
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, index: int) -> PackedWindow:  # type: ignore[override]
-        return PackedWindow(*(np.asarray(getattr(self, name)[index]) for name in self.FIELDS))
+        return PackedWindow(*(np.asarray(getattr(self, name)[index]) for name in self.FIELDS),
+                            None if self.source_ids is None else np.asarray(self.source_ids[index]))

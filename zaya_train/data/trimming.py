@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
@@ -32,9 +32,11 @@ class TrimStats:
     # Of `trimmed`: those that also lost earlier turns' reasoning (step 2).
     earlier_thinking_removed: int = 0
     dropped: int = 0
+    # Positions in the input of the dropped conversations, to keep data that runs alongside them aligned.
+    dropped_indices: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if k != "dropped_indices"}
 
 
 def count_tokens(messages: Messages, tokenizer) -> int:
@@ -110,7 +112,7 @@ def trim_conversations(
     conversations: Iterable[Messages], tokenizer, max_tokens: int
 ) -> tuple[list[Messages], TrimStats]:
     kept, stats = [], TrimStats()
-    for messages in conversations:
+    for index, messages in enumerate(conversations):
         result, outcome = ap_trim(messages, tokenizer, max_tokens)
         stats.samples += 1
         if outcome == "earlier_thinking_removed":
@@ -120,4 +122,6 @@ def trim_conversations(
             setattr(stats, outcome, getattr(stats, outcome) + 1)
         if result is not None:
             kept.append(result)
+        else:
+            stats.dropped_indices.append(index)
     return kept, stats

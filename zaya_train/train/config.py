@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 from zaya_train.cascade.config import CascadeConfig
 from zaya_train.experiment.config import STAGES, ExperimentConfig, check_seeds, check_stages
 from zaya_train.kernels.dispatch import MODES as KERNEL_MODES
@@ -28,12 +30,24 @@ from zaya_train.train.optim import OptimConfig
 from zaya_train.train.schedule import ScheduleConfig
 
 DATA_KINDS = ("chain_sum", "pretrain", "sft")
+# ZAYA1's pretraining, midtraining and SFT phases as recipes, each with the phase it starts from.
+ZAYA1_PHASES = {"zaya1_pretrain1": None, "zaya1_pretrain2": "zaya1_pretrain1", "zaya1_midtrain": "zaya1_pretrain2",
+                "zaya1_sft": "zaya1_midtrain"}
 VERIFIERS = ("math", "exact")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
     """A user mistake in the run configuration; the message names the key."""
+
+
+def _require_files(path: str, key: str) -> None:
+    from zaya_train.data.sources import resolve_files
+
+    try:
+        resolve_files(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from err
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -124,8 +138,36 @@ class ModelConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One source of a weighted mixture (`data.sources`, zaya_train/data/weighted.py): a local file / directory /
+    glob (`path`) or a hub dataset (`hub_name`), and its `weight` (relative; normalised over the sources)."""
+
+    name: str = MISSING
+    path: str | None = None
+    hub_name: str | None = None
+    weight: float = 1.0
+    split: str = "train"
+    format: str | None = None
+    text_field: str = "text"
+    messages_field: str = "messages"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "data.sources.name",
+                 f"must be a non-empty name without '/', got {self.name!r}")
+        key = f"data.sources.{self.name}"
+        _require(self.path is not None or self.hub_name is not None, f"{key}.path",
+                 "no data: set path (a local file, directory or glob) or hub_name")
+        _require(self.path is None or self.hub_name is None, f"{key}.path",
+                 f"set one of path and hub_name, got path={self.path!r}, hub_name={self.hub_name!r}")
+        _require(self.weight > 0, f"{key}.weight", f"must be > 0, got {self.weight}")
+        if self.path is not None:
+            _require_files(self.path, f"{key}.path")
+
+
+@dataclass
 class DataConfig:
-    """`kind`: chain_sum (the nano task, generated offline), pretrain (plain text) or sft (chats)."""
+    """`kind`: chain_sum (the nano task, generated offline), pretrain (plain text) or sft (chats). Text and chats
+    come from `path` / `hub_name`, or from `sources`, a weighted mixture."""
 
     kind: str = "chain_sum"
     path: str | None = None  # local jsonl / parquet / text file or glob
@@ -150,6 +192,11 @@ class DataConfig:
     # the samples, tokenized the way RL feeds aggregation prompts (zaya_train/data/mixing.py).
     mix_path: str | None = None
     mix_share: float = 0.0
+    # A weighted mixture instead of `path` (zaya_train/data/weighted.py): [{name, path | hub_name, weight}, ...].
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    # What the weights are shares of: "tokens" (documents drawn in inverse proportion to their mean length) or
+    # "documents".
+    share_unit: str = "tokens"
 
     def __post_init__(self) -> None:
         _require(self.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}, got {self.kind!r}")
@@ -158,16 +205,22 @@ class DataConfig:
         _require(self.num_samples >= 1, "data.num_samples", f"must be >= 1, got {self.num_samples}")
         _require(self.num_epochs is None or self.num_epochs >= 1, "data.num_epochs",
                  f"must be >= 1 or null, got {self.num_epochs}")
-        if self.kind != "chain_sum":
-            _require(self.path is not None or self.hub_name is not None, "data.path",
-                     f"data.kind={self.kind} needs data.path (or data.hub_name)")
-        if self.path is not None:
-            from zaya_train.data.sources import resolve_files
+        if self.sources:
+            from zaya_train.data.weighted import UNITS
 
-            try:
-                resolve_files(self.path)
-            except (FileNotFoundError, ValueError) as err:
-                raise ConfigError(f"data.path: {err}") from err
+            _require(self.share_unit in UNITS, "data.share_unit", f"must be one of {UNITS}, got {self.share_unit!r}")
+            _require(self.kind != "chain_sum", "data.sources", "the chain_sum task is generated, not read from sources")
+            _require(self.path is None and self.hub_name is None, "data.sources",
+                     "set either data.sources or data.path / data.hub_name, not both")
+            names = [source.name for source in self.sources]
+            _require(len(set(names)) == len(names), "data.sources", f"names must be unique, got {names}")
+            _require(self.mix_path is None or "aggregation" not in names, "data.sources",
+                     "the name 'aggregation' is data.mix_path's in the share metrics; rename the source")
+        elif self.kind != "chain_sum":
+            _require(self.path is not None or self.hub_name is not None, "data.path",
+                     f"data.kind={self.kind} needs data.path (or data.hub_name, or data.sources)")
+        if self.path is not None:
+            _require_files(self.path, "data.path")
         if self.tokenizer not in ("char", "bpe"):
             _require(Path(self.tokenizer).is_dir(), "data.tokenizer",
                      f"must be char, bpe or a tokenizer directory, got {self.tokenizer!r}")
@@ -208,8 +261,18 @@ class TrainerConfig:
     peak_flops: float | None = None  # per device, for MFU; None looks the device up
     # chain_sum runs: held-out problems decoded at the end (greedy and temperature-1 accuracy); 0 skips it.
     eval_problems: int = 200
+    # Ranks one sequence is split over. ZAYA1 trained its 32K and 131K phases with context parallelism (ZAYA1-8B
+    # report, arXiv 2605.05365, §VII-G); this trainer has none, so a recipe that asks for it refuses to start
+    # rather than train another setup under the phase's name.
+    context_parallel: int = 1
 
     def __post_init__(self) -> None:
+        _require(self.context_parallel >= 1, "trainer.context_parallel", f"must be >= 1, got {self.context_parallel}")
+        _require(self.context_parallel == 1, "trainer.context_parallel",
+                 f"{self.context_parallel} asks for context parallelism, which zaya-train does not have yet (CCA's "
+                 "convolutions would need each shard to receive the previous shard's last tokens); set "
+                 "trainer.context_parallel=1 to train whole windows on each rank, after checking with recipe=plan "
+                 "plan.seq_len=<data.seq_len> that one fits")
         _require(self.max_steps >= 0, "trainer.max_steps", f"must be >= 0, got {self.max_steps}")
         _require(self.save_interval >= 1, "trainer.save_interval", f"must be >= 1, got {self.save_interval}")
         _require(self.keep_last >= 1, "trainer.keep_last", f"must be >= 1, got {self.keep_last}")
@@ -350,11 +413,13 @@ def validate(cfg: RunConfig) -> None:
         _require(cfg.data.mix_path is not None, "data.mix_path",
                  "recipe=zaya1_sft needs the aggregation chats of recipe=build_aggregation_sft "
                  "(recipe=sft trains without them)")
-        _require(cfg.model.init_from is not None, "model.init_from",
-                 "recipe=zaya1_sft fine-tunes a base model: give it (an HF directory, a run directory or a "
-                 "trainer checkpoint)")
+    if cfg.recipe in ZAYA1_PHASES:
         _require(cfg.data.tokenizer not in ("char", "bpe"), "data.tokenizer",
-                 f"recipe=zaya1_sft needs the base model's tokenizer directory, got {cfg.data.tokenizer!r}")
+                 f"recipe={cfg.recipe} needs the model's tokenizer directory, got {cfg.data.tokenizer!r}")
+        before = ZAYA1_PHASES[cfg.recipe]
+        _require(before is None or cfg.model.init_from is not None, "model.init_from",
+                 f"recipe={cfg.recipe} continues from {before}: give its run directory (or a trainer checkpoint or "
+                 "an HF directory)")
     if cfg.recipe == "export":
         _require_checkpoint(cfg.checkpoint, "checkpoint")
         _require(cfg.out is not None, "out", "recipe=export needs out=PATH")

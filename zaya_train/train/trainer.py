@@ -119,6 +119,14 @@ def _initial_model(cfg: RunConfig, model_config) -> ZayaForCausalLM:
             f"model.init_from: {cfg.model.init_from} has vocab_size {model.config.vocab_size}, the tokenizer needs "
             f"{model_config.vocab_size}"
         )
+    if cfg.model.rope_theta is not None:
+        # A phase that lengthens the context raises the RoPE base of the weights it starts from (ZAYA1: 10K at 4K
+        # context, 1M at 32K, 5M at 131K); the tables are not stored, so recomputing them is the whole change.
+        model.config.rope_parameters = {
+            layer_type: {**params, "rope_theta": cfg.model.rope_theta}
+            for layer_type, params in model.config.rope_parameters.items()
+        }
+        model.model.materialize_rope("cpu")
     return model
 
 
@@ -246,7 +254,9 @@ SourceFactory = Callable[[RunConfig, Path, DistInfo], BatchSource]
 
 class PretrainSource:
     """Packed windows of the pretraining / SFT / chain-sum data, `deepspeed.gradient_accumulation_steps`
-    micro-batches per step, the fused cross-entropy."""
+    micro-batches per step, the fused cross-entropy. With `data.sources` it logs the share of each source in the
+    step's tokens (`data/share/<name>`, padding excluded, all ranks) and since the start of the run
+    (`data/share_total/<name>`, kept in the checkpoint)."""
 
     exhausted_reason = "data_exhausted"
 
@@ -254,6 +264,8 @@ class PretrainSource:
         self.cfg = cfg
         data = build_training_data(cfg.data, run_dir, cfg.seed, info.rank)
         self.tokenizer, self.stats = data.tokenizer, data.stats
+        self.source_names = data.source_names
+        self.source_tokens = [0] * len(self.source_names)
         self.loader = PackedLoader(
             data.windows,
             LoaderConfig(micro_batch_size=cfg.data.micro_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
@@ -272,7 +284,21 @@ class PretrainSource:
         if any(b is None for b in batches):
             return None
         update = runner.update([functools.partial(self._forward, b) for b in batches])
-        return StepResult(update.loss, update.tokens, update.skipped)
+        return StepResult(update.loss, update.tokens, update.skipped, self._source_shares(batches))
+
+    def _source_shares(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        if not self.source_names:
+            return {}
+        ids = torch.cat([b["source_ids"].flatten() for b in batches])
+        local = torch.bincount(ids[ids >= 0], minlength=len(self.source_names))
+        step = [int(n) for n in reduce_over_ranks([float(n) for n in local.tolist()], self.device)]
+        self.source_tokens = [a + b for a, b in zip(self.source_tokens, step, strict=True)]
+        total, step_total = sum(self.source_tokens), sum(step)
+        shares = {}
+        for name, now, overall in zip(self.source_names, step, self.source_tokens, strict=True):
+            shares[f"data/share/{name}"] = now / step_total if step_total else 0.0
+            shares[f"data/share_total/{name}"] = overall / total if total else 0.0
+        return shares
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> MicroBatch:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -282,10 +308,15 @@ class PretrainSource:
         return MicroBatch(out.loss, out.loss.detach().float(), out.tokens_per_expert, batch["input_ids"].numel())
 
     def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        state = self.loader.state_dict()
+        if self.source_names:
+            state["source_tokens"] = dict(zip(self.source_names, self.source_tokens, strict=True))
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
+        saved = state.get("source_tokens", {})
+        self.source_tokens = [int(saved.get(name, 0)) for name in self.source_names]
 
     def finish(self, engine, step: int, loss: float, metrics: MetricsSink, info: DistInfo) -> None:
         if self.cfg.data.kind == "chain_sum" and self.cfg.trainer.eval_problems:
