@@ -129,6 +129,7 @@ def test_sft_sources_tag_their_examples(tmp_path, tokenizer_dir):
     [
         ({"path": "x.jsonl"}, "data.sources"),
         ({"sources": [{"name": "a"}, {"name": "a"}]}, "data.sources"),
+        ({"sources": [{"name": "???"}]}, "data.sources.name"),
         ({"sources": [{"name": "a", "path": None}]}, "data.sources.a.path"),
         ({"sources": [{"name": "a", "weight": 0}]}, "data.sources.a.weight"),
         ({"sources": [{"name": "a", "path": "/nonexistent/*.jsonl"}]}, "data.sources.a.path"),

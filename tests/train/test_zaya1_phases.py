@@ -136,3 +136,25 @@ def test_the_phases_train_in_sequence_at_toy_size(toy, tmp_path):
         state = json.loads(next((run_dir / "checkpoints").glob("step_*/trainer_state.json")).read_text())
         assert {p["rope_theta"] for p in state["model_config"]["rope_parameters"].values()} == {rope}
         before = run_dir
+
+
+def test_a_weighted_run_resumes_its_share_totals_and_refuses_changed_weights(toy, tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["recipe=zaya1_pretrain1", *TOY, *data_overrides("zaya1_pretrain1", toy), f"run_dir={run_dir}",
+            "trainer.save_interval=2"]
+    assert run(*base, "trainer.max_steps=2", cwd=tmp_path).returncode == 0
+    proc = run(*base, "trainer.max_steps=4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [json.loads((run_dir / "checkpoints" / f"step_{s:08d}" / "data_state.json").read_text()) for s in (2, 4)]
+    # Totals carry over the restart: four steps of 2 x 64 positions, padding excluded, all from the sources.
+    before, after = (sum(state["source_tokens"].values()) for state in states)
+    assert 0 < before < after <= 4 * 2 * 64
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r.get("step") == 4 and "event" not in r][-1]
+    names = PHASES["zaya1_pretrain1"][0]
+    assert [last[f"data/share_total/{n}"] for n in names] == pytest.approx(
+        [states[1]["source_tokens"][n] / after for n in names])
+
+    changed = run(*base, "trainer.max_steps=6", "data.sources.0.weight=0.9", cwd=tmp_path)
+    assert changed.returncode == 2
+    assert "data.sources: the draw probabilities" in changed.stderr

@@ -81,9 +81,10 @@ def _finish_window(pieces: list[_Piece], seq_len: int, pad_id: int) -> PackedWin
     assert pad >= 0
     sources = None
     if pieces and all(piece.source is not None for piece in pieces):
+        # int16: a quarter of the host memory of the other arrays, for at most 32,767 sources.
         sources = np.concatenate(
-            [np.full(len(piece.ids), piece.source, dtype=np.int64) for piece in pieces]
-            + [np.full(pad, PAD_DOCUMENT, dtype=np.int64)]
+            [np.full(len(piece.ids), piece.source, dtype=np.int16) for piece in pieces]
+            + [np.full(pad, PAD_DOCUMENT, dtype=np.int16)]
         )
     if pad:
         ids.append(np.full(pad, pad_id, dtype=np.int64))
@@ -268,8 +269,8 @@ def pack_sft(
 
 
 class WindowArrays(Sequence[PackedWindow]):
-    """Windows as three (four with `source_ids`) [N, S] int64 arrays: random access for the loader, saved as .npy
-    and memory-mapped back."""
+    """Windows as three [N, S] int64 arrays (and int16 `source_ids` for a mixture): random access for the loader,
+    saved as .npy and memory-mapped back."""
 
     FIELDS = ("input_ids", "labels", "document_ids")
     OPTIONAL = "source_ids"

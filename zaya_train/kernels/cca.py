@@ -112,9 +112,9 @@ def _cca_fwd_kernel(
     HAS_MASK: tl.constexpr, TAPS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     u = _conv_skip(x_ptr, stride_xb, stride_xs, w_ptr, bias_ptr, valid_ptr, b, h, s, cols, S, N, Q, GROUP, D,
                    HAS_MASK, TAPS, BLOCK_S, BLOCK_D, BLOCK_K)
@@ -141,9 +141,9 @@ def _cca_bwd_norm_kernel(
     HAS_MASK: tl.constexpr, TAPS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     u = _conv_skip(x_ptr, stride_xb, stride_xs, w_ptr, bias_ptr, valid_ptr, b, h, s, cols, S, N, Q, GROUP, D,
                    HAS_MASK, TAPS, BLOCK_S, BLOCK_D, BLOCK_K)
@@ -156,8 +156,8 @@ def _cca_bwd_norm_kernel(
         dy = _head_tile(dq_ptr, rows * Q * D, h, cols, D, s_mask)
     else:
         dk = _head_tile(dk_ptr, rows * (H - Q) * D, h - Q, cols, D, s_mask)
-        blocks = tl.num_programs(0)
-        tl.store(part_ptr + ((h - Q) * (tl.num_programs(1) // H) + b) * blocks + tl.program_id(0),
+        blocks = tl.num_programs(1)
+        tl.store(part_ptr + ((h - Q) * (tl.num_programs(0) // H) + b) * blocks + tl.program_id(1),
                  tl.sum(tl.sum(dk * u * rnorm[:, None], axis=1), axis=0))
         dy = dk * tl.load(temp_ptr + h - Q).to(tl.float32)
     # d/du of scale * u / max(|u|, eps); below eps the clamp passes no gradient to |u|, as clamp_min's.
@@ -177,9 +177,9 @@ def _cca_bwd_input_kernel(
     HAS_MASK: tl.constexpr, TAPS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
     C = H * D
@@ -286,7 +286,7 @@ def _forward(
     if batch * seq_len:
         cfg = launch_config("cca_fwd", head_dim, x_BSC.device, config)
         block_s = cfg.meta["BLOCK_S"]
-        _cca_fwd_kernel[(triton.cdiv(seq_len, block_s), batch * groups)](
+        _cca_fwd_kernel[(batch * groups, triton.cdiv(seq_len, block_s))](
             x_BSC, x_BSC.stride(0), x_BSC.stride(1),
             _weight_HTio(weight_CdT, groups), bias_C, valid_TBS if valid_TBS is not None else x_BSC,
             temp_G, q_BSQd, k_BSGd,
@@ -320,14 +320,14 @@ def _backward(
     blocks = triton.cdiv(seq_len, cfg.meta["BLOCK_S"])
     part_temp_GP = torch.zeros(num_kv_heads, batch * blocks, device=device, dtype=torch.float32)
     if num_rows:
-        _cca_bwd_norm_kernel[(blocks, batch * groups)](
+        _cca_bwd_norm_kernel[(batch * groups, blocks)](
             x_BSC, x_BSC.stride(0), x_BSC.stride(1), w_HTio, bias_C, valid, temp_G,
             dq_BSQd, dk_BSGd, du_BSC, part_temp_GP,
             seq_len, num_rows, groups, num_heads, group, head_dim, head_dim**0.5, torch.finfo(torch.float32).eps,
             HAS_MASK=has_mask, TAPS=taps, BLOCK_D=block_d, **cfg.meta, **cfg.options,
         )
         cfg = launch_config("cca_bwd_input", head_dim, device, config)
-        _cca_bwd_input_kernel[(triton.cdiv(seq_len, cfg.meta["BLOCK_S"]), batch * groups)](
+        _cca_bwd_input_kernel[(batch * groups, triton.cdiv(seq_len, cfg.meta["BLOCK_S"]))](
             du_BSC, w_HTio, valid, dx_BSC,
             seq_len, num_rows, groups, num_heads, group, head_dim,
             HAS_MASK=has_mask, TAPS=taps, BLOCK_D=block_d, **cfg.meta, **cfg.options,

@@ -152,7 +152,8 @@ class DataSourceConfig:
     messages_field: str = "messages"
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "data.sources.name",
+        # A list entry without a name gets the literal "???" (OmegaConf fills list elements from the defaults).
+        _require(bool(self.name) and self.name != "???" and "/" not in self.name, "data.sources.name",
                  f"must be a non-empty name without '/', got {self.name!r}")
         key = f"data.sources.{self.name}"
         _require(self.path is not None or self.hub_name is not None, f"{key}.path",

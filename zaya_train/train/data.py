@@ -204,6 +204,7 @@ def build_training_data(cfg: DataConfig, run_dir: Path, seed: int, rank: int) ->
             return TrainingData(tokenizer, stream, records.stats(), _source_names(cfg))
         by_source: dict[str, SourceStats] = {}
         packed = list(pack_pretrain(documents(source_stats, by_source), pack_cfg, pack_stats))
+        source_stats = _totals(source_stats, by_source)
         kind = "text"
         stats = {
             **_prefixed("data/source", source_stats.as_dict()),
@@ -213,6 +214,7 @@ def build_training_data(cfg: DataConfig, run_dir: Path, seed: int, rank: int) ->
     else:
         by_source = {}
         rows = list(records(source_stats, by_source))
+        source_stats = _totals(source_stats, by_source)
         chats, origins = [r["messages"] for r, _ in rows], [i for _, i in rows]
         trim_stats = {}
         if cfg.ap_trim:
@@ -254,6 +256,17 @@ def _source_names(cfg: DataConfig) -> list[str]:
     if not cfg.sources:
         return []
     return [s.name for s in cfg.sources] + (["aggregation"] if cfg.mix_path is not None else [])
+
+
+def _totals(stats: SourceStats, by_source: dict[str, SourceStats]) -> SourceStats:
+    """`stats` with the counts of every weighted source added (those are kept per source while reading)."""
+    for part in by_source.values():
+        stats.rows_read += part.rows_read
+        stats.rows_kept += part.rows_kept
+        stats.skipped.update(part.skipped)
+        stats.examples.extend(part.examples[: max(0, stats.max_examples - len(stats.examples))])
+        stats.fields_of_row_missing_field = stats.fields_of_row_missing_field or part.fields_of_row_missing_field
+    return stats
 
 
 def _source_stats(by_source: dict[str, SourceStats]) -> dict[str, int]:
@@ -302,12 +315,13 @@ def _require_a_record(cfg: DataConfig, kind: str) -> None:
 
 def _no_windows_error(cfg: DataConfig, kind: str, source: SourceStats, stats: dict[str, int]) -> ConfigError:
     """Names the key to fix: the record field when rows exist but none has it, else the source itself."""
-    where = cfg.path or cfg.hub_name
+    where = cfg.path or cfg.hub_name or ", ".join(s.path or s.hub_name for s in cfg.sources)
+    source_key = "data.sources" if cfg.sources else "data.path"
     key, name = (
         ("data.text_field", cfg.text_field) if kind == "text" else ("data.messages_field", cfg.messages_field)
     )
     if source.rows_read == 0 and not source.skipped:
-        return ConfigError(f"data.path: {where} holds no rows")
+        return ConfigError(f"{source_key}: {where} holds no rows")
     if source.rows_kept == 0 and source.fields_of_row_missing_field is not None:
         skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(source.skipped.items()))
         return ConfigError(
@@ -315,8 +329,8 @@ def _no_windows_error(cfg: DataConfig, kind: str, source: SourceStats, stats: di
             f"the first row without it has the fields {source.fields_of_row_missing_field})"
         )
     if source.rows_kept == 0:
-        return ConfigError(f"data.path: no usable row in {where} ({stats}; e.g. {source.examples[0]})")
-    return ConfigError(f"data.path: no training windows could be built from {where} ({stats})")
+        return ConfigError(f"{source_key}: no usable row in {where} ({stats}; e.g. {source.examples[0]})")
+    return ConfigError(f"{source_key}: no training windows could be built from {where} ({stats})")
 
 
 def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, int]:

@@ -266,6 +266,7 @@ class PretrainSource:
         self.tokenizer, self.stats = data.tokenizer, data.stats
         self.source_names = data.source_names
         self.source_tokens = [0] * len(self.source_names)
+        self.draw_probabilities = {s.name: data.stats[f"data/mix/{s.name}/probability"] for s in cfg.data.sources}
         self.loader = PackedLoader(
             data.windows,
             LoaderConfig(micro_batch_size=cfg.data.micro_batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
@@ -311,9 +312,20 @@ class PretrainSource:
         state = self.loader.state_dict()
         if self.source_names:
             state["source_tokens"] = dict(zip(self.source_names, self.source_tokens, strict=True))
+            state["draw_probabilities"] = self.draw_probabilities
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("draw_probabilities", self.draw_probabilities)
+        if saved.keys() != self.draw_probabilities.keys() or any(
+            abs(saved[name] - p) > 1e-9 for name, p in self.draw_probabilities.items()
+        ):
+            # The position in the stream means nothing in a stream drawn with other probabilities.
+            raise ConfigError(
+                f"data.sources: the draw probabilities {self.draw_probabilities} differ from the checkpoint's "
+                f"{saved} (the sources, their files or the tokenizer changed), so the resumed run would not continue "
+                "the saved stream; restore them or start a new run_dir"
+            )
         self.loader.load_state_dict(state)
         saved = state.get("source_tokens", {})
         self.source_tokens = [int(saved.get(name, 0)) for name in self.source_names]
