@@ -135,7 +135,7 @@ class DecodeStep:
             h_BD = self._attention(layer, weights, residual_BD, ropes[layer_type], masks[layer_type], cache)
             residual_BD = layer.post_attention_residual_scale(h_BD, residual_BD)
             x_BD = layer.post_attention_layernorm(residual_BD)
-            ids_B, weight_B, router_state_BR = layer.mlp.gate(x_BD, router_state_BR, None)
+            ids_B, weight_B, router_state_BR, _ = layer.mlp.gate(x_BD, router_state_BR, None)
             if dense:
                 h_BD = self._dense_experts(weights, x_BD, ids_B, weight_B, config.num_experts)
             else:

@@ -40,6 +40,9 @@ class ZayaOutput:
     cache: ZayaCache | None = None
     # expert_ids_BSL[b, s, l]: class chosen at layer l (num_experts = skip); with return_expert_ids=True.
     expert_ids: torch.Tensor | None = None
+    # router_ids_BSL: the class each router picks itself, which a replay (`expert_ids=`) may have overridden;
+    # equal to expert_ids without replay. With return_expert_ids=True.
+    router_ids: torch.Tensor | None = None
     # tokens_per_expert_LX[l, x]: real (non-padding) tokens routed to class x at layer l, for the balancer.
     tokens_per_expert: torch.Tensor | None = None
     # logprobs_BS[b, t] = log p(labels[b, t + 1] | input_ids[b, : t + 1]) under softmax(logits / temperature),
@@ -67,14 +70,14 @@ class ZayaDecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: ZayaCache | None,
         replay_ids_BS: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         h_BSD = self.self_attn(self.input_layernorm(residual_BSD), layout, rope, cache)
         # The merge into the residual stream and the MoE's pre-norm as one op (one kernel on the Triton path).
         residual_BSD, x_BSD = self.post_attention_residual_scale(
             h_BSD, residual_BSD, norm=self.post_attention_layernorm
         )
-        h_BSD, ids_BS, router_state_BSR = self.mlp(x_BSD, router_state_BSR, replay_ids_BS)
-        return self.post_mlp_residual_scale(h_BSD, residual_BSD), router_state_BSR, ids_BS
+        h_BSD, ids_BS, router_state_BSR, own_ids_BS = self.mlp(x_BSD, router_state_BSR, replay_ids_BS)
+        return self.post_mlp_residual_scale(h_BSD, residual_BSD), router_state_BSR, ids_BS, own_ids_BS
 
 
 class ZayaModel(nn.Module):
@@ -105,8 +108,9 @@ class ZayaModel(nn.Module):
         layout: SequenceLayout,
         cache: ZayaCache | None,
         expert_ids_BSL: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the final-normed hidden states [B, S, D] and the router class ids [L, B, S]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the final-normed hidden states [B, S, D], the router class ids [L, B, S] and the classes the
+        routers picked themselves [L, B, S] (different only where `expert_ids_BSL` replayed another)."""
         config = self.config
         ropes = {
             layer_type: rope_cos_sin(layout.position_ids_BS, getattr(self, f"{layer_type}_inv_freq"))
@@ -115,16 +119,17 @@ class ZayaModel(nn.Module):
         embeds_BSD = self.embed_tokens(input_ids_BS)
         residual_BSD = ((embeds_BSD + self.input_hidden_states_bias) * self.input_hidden_states_scale).float()
         router_state_BSR = None
-        ids_per_layer = []
+        ids_per_layer, own_per_layer = [], []
         for idx, layer in enumerate(self.layers):
             replay_BS = expert_ids_BSL[..., idx] if expert_ids_BSL is not None else None
             args = (residual_BSD, router_state_BSR, layout, ropes[config.layer_types[idx]], cache, replay_BS)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-                residual_BSD, router_state_BSR, ids_BS = checkpoint(layer, *args, use_reentrant=False)
+                residual_BSD, router_state_BSR, ids_BS, own_ids_BS = checkpoint(layer, *args, use_reentrant=False)
             else:
-                residual_BSD, router_state_BSR, ids_BS = layer(*args)
+                residual_BSD, router_state_BSR, ids_BS, own_ids_BS = layer(*args)
             ids_per_layer.append(ids_BS)
-        return self.norm(residual_BSD), torch.stack(ids_per_layer)
+            own_per_layer.append(own_ids_BS)
+        return self.norm(residual_BSD), torch.stack(ids_per_layer), torch.stack(own_per_layer)
 
 
 class ZayaForCausalLM(nn.Module):
@@ -238,7 +243,7 @@ class ZayaForCausalLM(nn.Module):
             config, batch, seq_len, input_ids.device, attention_mask, position_ids, document_ids, cu_seqlens,
             past_len, cache.key_valid if cache is not None else None,
         )
-        hidden_BSD, ids_LBS = self.model(input_ids, layout, cache, expert_ids)
+        hidden_BSD, ids_LBS, own_ids_LBS = self.model(input_ids, layout, cache, expert_ids)
         if cache is not None:
             cache.advance(seq_len, key_valid)
 
@@ -273,6 +278,7 @@ class ZayaForCausalLM(nn.Module):
             loss=loss,
             cache=cache,
             expert_ids=ids_LBS.permute(1, 2, 0) if return_expert_ids else None,
+            router_ids=own_ids_LBS.permute(1, 2, 0) if return_expert_ids else None,
             tokens_per_expert=tokens_per_expert,
             logprobs=logprobs_BS,
         )

@@ -75,8 +75,9 @@ class ZayaSparseMoeBlock(nn.Module):
 
     def forward(
         self, x_BSD: torch.Tensor, prev_state_BSR: torch.Tensor | None, replay_ids_BS: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (output [B,S,D], class ids [B,S], router state for the next layer)."""
-        ids_BS, weight_BS, state_BSR = self.gate(x_BSD, prev_state_BSR, replay_ids_BS)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (output [B,S,D], class ids [B,S], router state for the next layer, the router's own class
+        ids [B,S]: the class ids unless replayed)."""
+        ids_BS, weight_BS, state_BSR, own_ids_BS = self.gate(x_BSD, prev_state_BSR, replay_ids_BS)
         out_ND = self.experts(x_BSD.flatten(0, 1), ids_BS.flatten(), weight_BS.flatten())
-        return out_ND.view_as(x_BSD), ids_BS, state_BSR
+        return out_ND.view_as(x_BSD), ids_BS, state_BSR, own_ids_BS

@@ -47,16 +47,15 @@ class ZayaRouter(nn.Module):
 
     def forward(
         self, x_BSD: torch.Tensor, prev_state_BSR: torch.Tensor | None, replay_ids_BS: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (class id per token [B,S] in 0..E, where E is skip; its unbiased probability [B,S] fp32;
-        the router state for the next layer [B,S,R])."""
+        the router state for the next layer [B,S,R]; the class the router itself picks [B,S], which differs from
+        the first only where a replayed id overrides it)."""
         r_BSR = self.down_proj(x_BSD)
         if self.use_eda and prev_state_BSR is not None:
             r_BSR = r_BSR + prev_state_BSR * self.router_states_scale
         probs_BSX = torch.softmax(self.router_mlp(r_BSR).float(), dim=-1)
-        if replay_ids_BS is None:
-            ids_BS = (probs_BSX.detach() + self.balancing_biases).argmax(dim=-1)
-        else:
-            ids_BS = replay_ids_BS.to(device=x_BSD.device, dtype=torch.long)
+        own_ids_BS = (probs_BSX.detach() + self.balancing_biases).argmax(dim=-1)
+        ids_BS = own_ids_BS if replay_ids_BS is None else replay_ids_BS.to(device=x_BSD.device, dtype=torch.long)
         weight_BS = probs_BSX.gather(-1, ids_BS[..., None]).squeeze(-1)
-        return ids_BS, weight_BS, r_BSR
+        return ids_BS, weight_BS, r_BSR, own_ids_BS

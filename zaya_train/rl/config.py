@@ -272,9 +272,9 @@ class RLConfig:
     max_batch_size: int | None = None
     """Rows the rollout engine decodes at once; None: a whole round of the step."""
     diagnostic_interval: int = 1
-    """Every this many steps, one extra no-grad forward with the other routing (no replay when replay is on) gives
-    the train/inference logprob gap without replay (`rl/logprob_diff_max_noreplay`); about a quarter of the
-    training time of a step that runs it."""
+    """Every this many steps, measure the train/inference logprob gap under the other routing too (without replay
+    when replay is on: `rl/logprob_diff_max_noreplay`). Rows on which the trainer's routers agree with the engine's
+    at every token and layer need no forward for it; the rest take one extra no-grad forward."""
     max_compute_tokens: int | None = None
     """Stop (with a checkpoint) before the first step that would start with compute/total_tokens (prefilled +
     decoded + trained tokens, counted by the run) at or past this budget; None: trainer.max_steps alone."""

@@ -16,8 +16,11 @@ checkpoints, metrics, SIGTERM) -> weight sync into the rollout engine after ever
   bonus, the LZ77 canary and an optional k3 KL to the frozen initial policy.
 - Router replay (`rl.router_replay`): every trainer forward over a rollout routes each token, in every layer, to
   the expert the engine chose while sampling it. `rl/logprob_diff_max` is the largest |trainer - engine| logprob
-  of a sampled token with replay, `rl/logprob_diff_max_noreplay` without (every `rl.diagnostic_interval` steps:
-  an extra forward): the MoE train/inference mismatch.
+  of a sampled token with replay, `rl/logprob_diff_max_noreplay` without (every `rl.diagnostic_interval` steps),
+  `rl/routing_mismatch_frac` the share of (token, layer) decisions where the trainer's router, in the training
+  forward, picks another expert than the engine did: the MoE train/inference mismatch. The other routing's
+  forward runs only over rows with a mismatch: on a row whose every decision agrees, both routings compute
+  the same forward.
 - Expert biases stay fixed during RL unless `rl.update_expert_biases`: the balancer would move them from the
   replayed loads, changing the rollout policy's routing by something no gradient step accounts for.
 - Weight sync: under ZeRO 0-2 the engine decodes the training model itself, and sync only invalidates its
@@ -33,6 +36,7 @@ import functools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +101,36 @@ class RowBatch:
             self.mask[b, prompt - 1 : prompt + response - 1] = True
             self.real[b, : prompt + response] = True
         self.advantages = torch.tensor([a for _, a in rows], dtype=torch.float32)
-        for name in ("input_ids", "labels", "expert_ids", "engine_logp", "mask", "real", "advantages"):
+        for name in self.FIELDS:
             setattr(self, name, getattr(self, name).to(device))
+
+    FIELDS = ("input_ids", "labels", "expert_ids", "engine_logp", "mask", "real", "advantages")
+
+    def select(self, rows_B: torch.Tensor) -> RowBatch:
+        """The rows where the boolean `rows_B` is True, as a batch of their own."""
+        subset = object.__new__(RowBatch)
+        for name in self.FIELDS:
+            setattr(subset, name, getattr(self, name)[rows_B])
+        return subset
+
+
+@dataclass
+class RoutingGaps:
+    """One step's train/inference mismatch: the largest |trainer - engine| logprob of a sampled token with router
+    replay and without (`diagnose`: measure the routing the training forward does not use as well), and the
+    (token, layer) routing decisions where the trainer's router picked another expert than the engine."""
+
+    diagnose: bool
+    replay: float = 0.0
+    noreplay: float = 0.0
+    decisions: float = 0.0
+    mismatched: float = 0.0
+
+    def record(self, replay: bool, gap: float) -> None:
+        if replay:
+            self.replay = max(self.replay, gap)
+        else:
+            self.noreplay = max(self.noreplay, gap)
 
 
 class WeightSync:
@@ -215,26 +247,48 @@ class RLSource:
     def _max_new_tokens(self, group: Group) -> int:
         return self.rl.max_new_tokens if group.kind == "plain" else self.rl.codesign.max_new_tokens
 
-    def _logprobs(self, batch: RowBatch, replay: bool, model=None) -> torch.Tensor:
-        out = (model or self.engine)(
+    def _forward(self, batch: RowBatch, replay: bool, model=None):
+        return (model or self.engine)(
             batch.input_ids, labels=batch.labels, expert_ids=batch.expert_ids if replay else None,
             return_logits=False, return_logprobs=True, logprob_temperature=self.rl.temperature,
+            return_expert_ids=True,
         )
-        return out.logprobs.float()
+
+    @torch.no_grad()
+    def _observe_routing(self, gaps: RoutingGaps, batch: RowBatch, logp_BS: torch.Tensor,
+                         router_ids_BSL: torch.Tensor) -> None:
+        """Records the gaps of a forward before the update with `rl.router_replay`'s routing (its logprobs and
+        its routers' own picks) and, when `gaps.diagnose`, of the other routing. A row whose every real token's
+        routers pick the engine's experts in that forward computes the same forward under the other routing (by
+        induction over layers), so the other routing's forward runs only over the rows that differ somewhere."""
+        replay = self.rl.router_replay
+        real_BSL = batch.real[..., None].expand_as(router_ids_BSL)
+        differs_BSL = (router_ids_BSL != batch.expert_ids) & real_BSL
+        gaps.decisions += float(real_BSL.sum())
+        gaps.mismatched += float(differs_BSL.sum())
+        gaps.record(replay, _max_gap(logp_BS, batch))
+        if not gaps.diagnose:
+            return
+        differs_B = differs_BSL.flatten(1).any(dim=1)
+        gaps.record(not replay, _max_gap(logp_BS, batch, ~differs_B))
+        # Every rank runs the other forward when any rank needs one: under ZeRO-3 a forward is a collective.
+        (needed,) = reduce_over_ranks([float(differs_B.any())], self.info.device, dist.ReduceOp.MAX)
+        if needed:
+            rows = batch.select(differs_B if differs_B.any() else torch.arange(len(differs_B)) == 0)
+            other = self._forward(rows, not replay).logprobs.float()
+            if differs_B.any():
+                gaps.record(not replay, _max_gap(other, rows))
 
     def _micro_batch(self, batch: RowBatch, logp_old: torch.Tensor | None, logp_ref: torch.Tensor | None,
-                     denominator: float, fractions: list[float], diffs: list[float]) -> MicroBatch:
+                     denominator: float, fractions: list[float], gaps: RoutingGaps) -> MicroBatch:
         """The policy loss of one micro-batch. `logp_old` None: this forward is the first over these rows since the
         rollout (one optimizer step per batch), so its own detached logprobs are logp_old."""
         rl = self.rl
-        out = self.engine(
-            batch.input_ids, labels=batch.labels, expert_ids=batch.expert_ids if rl.router_replay else None,
-            return_logits=False, return_logprobs=True, logprob_temperature=rl.temperature, return_expert_ids=True,
-        )
+        out = self._forward(batch, rl.router_replay)
         logp = out.logprobs.float()
         if logp_old is None:
             logp_old = logp.detach()
-            _record_gap(diffs, 0 if rl.router_replay else 1, logp_old, batch)
+            self._observe_routing(gaps, batch, logp_old, out.router_ids)
         importance = {"logp_rollout_BT": batch.engine_logp, "tis_cap": rl.tis_cap} if rl.tis_cap > 0 else {}
         policy = algorithms.policy_loss(
             logp, logp_old, batch.advantages, batch.mask, trust_region=rl.trust_region, delta=rl.delta,
@@ -279,7 +333,8 @@ class RLSource:
         rows = self._advantages(rollouts.trained, step)
         train_start = time.perf_counter()
         (most_rows,) = reduce_over_ranks([len(rows)], device, dist.ReduceOp.MAX)
-        diffs, fractions, losses, skipped, tokens = [0.0, 0.0], [0.0] * 4, [], False, 0
+        gaps = RoutingGaps(diagnose=step % rl.diagnostic_interval == 0)
+        fractions, losses, skipped, tokens = [0.0] * 4, [], False, 0
         if most_rows == 0 and self.info.rank == 0:
             log.info("step %d: dynamic sampling dropped every group (equal rewards within each); no update", step)
         if most_rows > 0:  # no group kept anywhere: no optimizer step (a zero-gradient step still moves AdamW)
@@ -292,8 +347,7 @@ class RLSource:
             # With one optimizer step per batch every row is trained before any update: its training forward is
             # the trainer's own pre-update computation, and no separate logp_old forward is needed.
             need_old = rl.epochs * rl.minibatches > 1
-            logp_old, logp_ref = self._recompute(all_rows, weights, micro_rows, diffs, need_old,
-                                                 diagnose=step % rl.diagnostic_interval == 0)
+            logp_old, logp_ref = self._recompute(all_rows, weights, micro_rows, gaps, need_old)
             for epoch in range(rl.epochs):
                 generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.info.rank, "epoch", epoch))
                 order = torch.randperm(len(all_rows), generator=generator).tolist()
@@ -307,7 +361,7 @@ class RLSource:
                     micro = [functools.partial(self._run_chunk, [all_rows[i] for i in chunk],
                                                [weights[i] for i in chunk], [logp_old[i] for i in chunk],
                                                [logp_ref[i] for i in chunk] if logp_ref else None, denominator,
-                                               fractions, diffs)
+                                               fractions, gaps)
                              for chunk in _chunks(minibatch, self.gas)]
                     update = runner.update(micro, scale_wrt_gas=False, update_biases=rl.update_expert_biases)
                     losses.append(update.loss)
@@ -322,13 +376,15 @@ class RLSource:
             compute[key] += int(value)
         for key in ("generated", "dropped", "trained", "degenerate"):
             self.state["samples"][key] += metrics[f"samples/{key}"]
-        (diff_replay, diff_noreplay) = reduce_over_ranks(diffs, device, dist.ReduceOp.MAX)
-        frac_tokens, masked, truncated, capped = reduce_over_ranks(fractions, device)
-        gaps = {"rl/logprob_diff_max": diff_replay, "rl/logprob_diff_max_noreplay": diff_noreplay}
-        if step % rl.diagnostic_interval:  # the other routing's forward did not run
-            del gaps["rl/logprob_diff_max_noreplay" if rl.router_replay else "rl/logprob_diff_max"]
+        (diff_replay, diff_noreplay) = reduce_over_ranks([gaps.replay, gaps.noreplay], device, dist.ReduceOp.MAX)
+        frac_tokens, masked, truncated, capped, decisions, mismatched = reduce_over_ranks(
+            [*fractions, gaps.decisions, gaps.mismatched], device)
+        gap_metrics = {"rl/logprob_diff_max": diff_replay, "rl/logprob_diff_max_noreplay": diff_noreplay}
+        if not gaps.diagnose:  # the other routing was not measured
+            del gap_metrics["rl/logprob_diff_max_noreplay" if rl.router_replay else "rl/logprob_diff_max"]
         metrics.update({
-            **gaps,
+            **gap_metrics,
+            "rl/routing_mismatch_frac": mismatched / max(decisions, 1.0),
             "rl/masked_frac": masked / max(frac_tokens, 1.0),
             "rl/tis_truncated_frac": truncated / max(frac_tokens, 1.0),
             "rl/ratio_capped_frac": capped / max(frac_tokens, 1.0),
@@ -370,29 +426,25 @@ class RLSource:
         return metrics
 
     @torch.no_grad()
-    def _recompute(self, all_rows, weights, micro_rows: int, diffs: list[float], need_old: bool, diagnose: bool):
+    def _recompute(self, all_rows, weights, micro_rows: int, gaps: RoutingGaps, need_old: bool):
         """No-grad forwards before the first update, in chunks of training micro-batch size: `logp_old` (the
-        trainer's own logprobs of the batch, with router replay when on) when `need_old`; the reference policy's
-        logprobs when a KL term is on; and, when `diagnose`, the forward with the other routing (no replay when
-        replay is on), for the |trainer - engine| logprob gaps in `diffs` ([with replay, without]). Without
-        `need_old` (one optimizer step per batch) the training forward itself gives logp_old and the gap of its own
-        routing."""
+        trainer's own logprobs of the batch, with router replay when on, and its routing gaps) when `need_old`;
+        the reference policy's logprobs when a KL term is on. Without `need_old` (one optimizer step per batch)
+        the training forward itself gives logp_old and the routing gaps."""
         rl = self.rl
-        own = 0 if rl.router_replay else 1
         logp_old, logp_ref = [], []
-        if not (need_old or diagnose or self.reference is not None):
+        if not (need_old or self.reference is not None):
             return [None] * len(all_rows), logp_ref
         for first in range(0, len(all_rows), micro_rows):
             chunk = range(first, min(first + micro_rows, len(all_rows)))
             batch = self._batch([all_rows[i] for i in chunk], [weights[i] for i in chunk])
-            forwards = [(1 - own, self._logprobs(batch, not rl.router_replay))] if diagnose else []
             if need_old:
-                forwards.append((own, self._logprobs(batch, rl.router_replay)))
-                logp_old += list(forwards[-1][1])
-            for j, values in forwards:
-                _record_gap(diffs, j, values, batch)
+                out = self._forward(batch, rl.router_replay)
+                values = out.logprobs.float()
+                self._observe_routing(gaps, batch, values, out.router_ids)
+                logp_old += list(values)
             if self.reference is not None:
-                logp_ref += list(self._logprobs(batch, rl.router_replay, self.reference))
+                logp_ref += list(self._forward(batch, rl.router_replay, self.reference).logprobs.float())
         return (logp_old or [None] * len(all_rows)), logp_ref
 
     def _batch(self, rows, weights: list[bool]) -> RowBatch:
@@ -404,7 +456,7 @@ class RLSource:
         return batch
 
     def _run_chunk(self, rows, weights, logp_old, logp_ref, denominator: float, fractions: list[float],
-                   diffs: list[float]) -> MicroBatch:
+                   gaps: RoutingGaps) -> MicroBatch:
         if not rows:  # fewer rows than micro-batches: a zero-weight row keeps DeepSpeed's count
             rows, weights, logp_old = [(self._dummy_trajectory(), 0.0)], [False], [None]
             logp_ref = [None] if logp_ref is not None else None
@@ -412,7 +464,7 @@ class RLSource:
         width = batch.input_ids.shape[1]
         old = torch.stack([_fit(v, width) for v in logp_old]).to(self.info.device) if logp_old[0] is not None else None
         ref = torch.stack([_fit(v, width) for v in logp_ref]).to(self.info.device) if logp_ref else None
-        return self._micro_batch(batch, old, ref, denominator, fractions, diffs)
+        return self._micro_batch(batch, old, ref, denominator, fractions, gaps)
 
     def _dummy_trajectory(self) -> Trajectory:
         """A two-token row that only pads a rank's micro-batch count; its weight is zero."""
@@ -423,10 +475,11 @@ class RLSource:
                           parents=())
 
 
-def _record_gap(diffs: list[float], index: int, logp_BS: torch.Tensor, batch: RowBatch) -> None:
-    """diffs[index] = max(itself, the largest |logp - engine logp| over the batch's weighted response tokens)."""
-    gap = (logp_BS - batch.engine_logp).abs().masked_fill(~batch.mask, 0.0)
-    diffs[index] = max(diffs[index], float(gap.max()))
+def _max_gap(logp_BS: torch.Tensor, batch: RowBatch, rows_B: torch.Tensor | None = None) -> float:
+    """The largest |logp - engine logp| over the batch's weighted response tokens (of `rows_B` only, if given)."""
+    mask_BS = batch.mask if rows_B is None else batch.mask & rows_B[:, None]
+    gap_BS = (logp_BS - batch.engine_logp).abs().masked_fill(~mask_BS, 0.0)
+    return float(gap_BS.max()) if gap_BS.numel() else 0.0
 
 
 def real_token_loads(expert_ids_BSL: torch.Tensor, real_BS: torch.Tensor, num_classes: int) -> torch.Tensor:
