@@ -104,6 +104,28 @@ def test_continuous_batching_equals_requests_run_alone(engine, model):
     assert sum(decode_rows) == sum(budgets)
 
 
+def test_identical_prompts_are_prefilled_once_and_sampled_apart(engine, model, monkeypatch):
+    first, second = prompts([6, 9], seed=6)
+    batch = [first, second, first, first, second]
+    prefill_rows = []
+    forward = model.forward
+
+    def spy(ids_BS, *args, **kwargs):
+        prefill_rows.append(ids_BS.shape[0])
+        return forward(ids_BS, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    results = engine.generate(batch, max_new_tokens=8, temperature=1.0, seed=3, eos_token_id=[])
+    monkeypatch.undo()
+    assert prefill_rows == [2]
+    assert len({tuple(r.token_ids) for r in results[:1] + results[2:4]}) > 1, "a group's samples differ"
+    for prompt, result in zip(batch, results):
+        logits_NV, expert_ids_SL = teacher_forced(model, prompt, result.token_ids)
+        want_N = logits_NV.log_softmax(-1).gather(-1, torch.tensor(result.token_ids)[:, None]).squeeze(-1)
+        assert (torch.tensor(result.logprobs) - want_N).abs().max() <= 1e-4
+        assert torch.equal(result.expert_ids, expert_ids_SL)
+
+
 def test_eos_and_stop_sequences_end_a_request(engine, model):
     (prompt,) = prompts([6], seed=6)
     free = reference_greedy(model, prompt, 12)

@@ -8,7 +8,7 @@
     engine.load_weights(trainer_model_or_state_dict)       # after a policy update
 
 How a call runs: up to `max_batch_size` requests are prefilled together (left-padded, positions restart at each
-prompt's first token) and then decoded one token per step (`zaya_train.model.decode.DecodeStep`; the general
+prompt's first token; identical prompts, such as a GRPO group's, are run once and their cache rows copied) and then decoded one token per step (`zaya_train.model.decode.DecodeStep`; the general
 forward for ZeRO-3-partitioned weights, which only it gathers). A row that has finished takes part in exactly one
 more step, which feeds its final token so that token's routing is recorded too, and then leaves the batch
 (`ZayaCache.select`); waiting requests are prefilled on their own and appended to the running batch
@@ -186,21 +186,30 @@ class RolloutEngine:
         ]
 
     def _prefill(self, admitted: list[_Request], device: torch.device) -> tuple[torch.Tensor, ZayaCache]:
-        """Runs the admitted prompts, left-padded to a common width, into a fresh cache; returns last logits."""
+        """Runs the admitted prompts, left-padded to a common width, into a fresh cache; returns last logits.
+        Identical prompts (a GRPO group's G samples of one problem) run once; their cache rows are then copied."""
         config = self.model.config
-        width = max(len(r.prompt) for r in admitted)
+        first_of: dict[tuple[int, ...], int] = {}
+        source_B = [first_of.setdefault(tuple(r.prompt), len(first_of)) for r in admitted]
+        prompts = [list(prompt) for prompt in first_of]
+        width = max(len(p) for p in prompts)
         pad = config.pad_token_id if config.pad_token_id is not None else 0
-        ids_BS = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in admitted], device=device)
-        mask_BS = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in admitted], device=device)
+        ids_US = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask_US = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         cache = ZayaCache(config, initial_capacity=width)
         out = self.model(
-            ids_BS, attention_mask=mask_BS, position_ids=(mask_BS.cumsum(-1) - 1).clamp_min(0), cache=cache,
+            ids_US, attention_mask=mask_US, position_ids=(mask_US.cumsum(-1) - 1).clamp_min(0), cache=cache,
             return_expert_ids=True, logits_to_keep=1,
         )
-        expert_ids_BSL = out.expert_ids.cpu()
-        for row, r in enumerate(admitted):
-            r.expert_ids = expert_ids_BSL[row, width - len(r.prompt) :]
-        return out.logits[:, -1], cache
+        expert_ids_USL = out.expert_ids.cpu()
+        for r, u in zip(admitted, source_B):
+            r.expert_ids = expert_ids_USL[u, width - len(r.prompt) :]
+        logits_UV = out.logits[:, -1]
+        if len(prompts) == len(admitted):
+            return logits_UV, cache
+        rows_B = torch.tensor(source_B, device=device)
+        cache.select(rows_B)
+        return logits_UV.index_select(0, rows_B), cache
 
     @staticmethod
     def _sample(rows: list[_Request], logits_BV: torch.Tensor, params: _Sampling) -> torch.Tensor:
