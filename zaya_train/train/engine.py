@@ -25,6 +25,7 @@ import torch.distributed as dist
 from zaya_train.model import ZayaForCausalLM
 from zaya_train.model.cca import ZayaCCAProjection
 from zaya_train.model.moe import ZayaSparseMoeBlock
+from zaya_train.train.allocator import keep_freed_memory
 from zaya_train.train.config import ConfigError, RunConfig
 from zaya_train.train.optim import OptimConfig, build_optimizer, parameter_kinds
 from zaya_train.train.schedule import build_scheduler
@@ -64,6 +65,7 @@ def init_distributed() -> DistInfo:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device = torch.device("cpu")
+        keep_freed_memory()
     import deepspeed
 
     if not dist.is_initialized():
