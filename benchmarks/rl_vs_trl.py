@@ -11,13 +11,18 @@ top-p 1, one AdamW step per batch at the same learning rate, r - mean advantages
 token-level loss normalisation (TRL: `loss_type="dapo"`), no KL (`beta=0`), the same exact-answer reward. TRL
 generates through transformers' `generate`; we generate through our rollout engine. RL samples per second counts
 generated sequences over the wall time of the steps after the first (warm-up) one, for each side. Both reward
-curves are printed step by step. The last line is `ratio=<our samples/s / TRL samples/s>`.
+curves are printed step by step.
+
+The machine's speed drifts by tens of percent over a minute on shared hosts, so the two sides run `--rounds` times,
+alternately (TRL first in even rounds, ours first in odd ones), each round giving one ratio of the two rates
+measured next to each other. The last line is `ratio=<median over rounds of our samples/s / TRL samples/s>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +54,7 @@ def hf_policy(init_from: str | None, path: Path) -> Path:
 
 def run_ours(policy: Path, args, tmp: Path) -> tuple[list[float], float]:
     cfg = compose_run_config("rl", [
-        f"model.init_from={policy}", f"run_dir={tmp / 'ours'}", f"trainer.max_steps={args.steps}",
+        f"model.init_from={policy}", f"run_dir={tempfile.mkdtemp(dir=tmp)}", f"trainer.max_steps={args.steps}",
         "trainer.progress_bar=false", "wandb.mode=disabled", f"rl.prompts_per_step={args.problems}",
         f"rl.group_size={args.group}", "rl.max_new_tokens=61", f"optim.lr={args.lr}", "schedule.warmup_steps=0",
         "trainer.save_interval=1000000",
@@ -84,7 +89,7 @@ def run_trl(policy: Path, args, tmp: Path) -> tuple[list[float], float]:
             step_ends.append(time.perf_counter())
 
     config = GRPOConfig(
-        output_dir=str(tmp / "trl"), per_device_train_batch_size=args.problems * args.group,
+        output_dir=tempfile.mkdtemp(dir=tmp), per_device_train_batch_size=args.problems * args.group,
         num_generations=args.group, max_completion_length=61, temperature=1.0, top_p=1.0, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, adam_beta2=0.98, weight_decay=0.0, max_grad_norm=1.0,
         max_steps=args.steps, num_iterations=1, steps_per_generation=1, beta=0.0, scale_rewards="none",
@@ -107,18 +112,26 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of both sides")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.problems} problems x G {args.group}, "
-          f"{args.steps} steps (the first is warm-up)")
+          f"{args.steps} steps (the first is warm-up), {args.rounds} rounds")
+    rewards: dict[str, list[float]] = {}
+    ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         policy = hf_policy(args.init_from, Path(tmp) / "policy")
-        trl_rewards, trl_rate = run_trl(policy, args, Path(tmp))
-        our_rewards, our_rate = run_ours(policy, args, Path(tmp))
+        for round_ in range(args.rounds):
+            rates = {}
+            for side in (("TRL", "ours") if round_ % 2 == 0 else ("ours", "TRL")):
+                run = run_trl if side == "TRL" else run_ours
+                rewards[side], rates[side] = run(policy, args, Path(tmp))
+            ratios.append(rates["ours"] / rates["TRL"])
+            print(f"round {round_ + 1}: RL samples/s: ours {rates['ours']:.1f}, TRL {rates['TRL']:.1f}, "
+                  f"ratio {ratios[-1]:.3f}", flush=True)
     print("step  reward (ours)  reward (TRL)")
-    for step, (ours, theirs) in enumerate(zip(our_rewards, trl_rewards), 1):
+    for step, (ours, theirs) in enumerate(zip(rewards["ours"], rewards["TRL"]), 1):
         print(f"{step:4d}  {ours:13.3f}  {theirs:12.3f}")
-    print(f"RL samples/s: ours {our_rate:.1f}, TRL {trl_rate:.1f}")
-    print(f"ratio={our_rate / trl_rate:.3f}")
+    print(f"ratio={statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":
