@@ -15,7 +15,10 @@ curves are printed step by step.
 
 The machine's speed drifts by tens of percent over a minute on shared hosts, so the two sides run `--rounds` times,
 alternately (TRL first in even rounds, ours first in odd ones), each round giving one ratio of the two rates
-measured next to each other. The last line is `ratio=<median over rounds of our samples/s / TRL samples/s>`.
+measured next to each other. Every measurement is a fresh process, so each side runs with what its framework sets
+up and nothing else: ours keeps freed memory in glibc's heap (zaya_train.train.allocator), TRL runs with glibc's
+defaults unless the environment says otherwise (MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647
+give both sides the same allocator). The last line is `ratio=<median over rounds of our samples/s / TRL samples/s>`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,6 +110,17 @@ def run_trl(policy: Path, args, tmp: Path) -> tuple[list[float], float]:
     return rewards, (len(step_ends) - 1) * args.problems * args.group / seconds
 
 
+def measure(side: str, policy: Path, args) -> tuple[list[float], float]:
+    """One side's reward curve and RL samples/s, measured in a fresh process."""
+    command = [sys.executable, __file__, "--side", side, "--policy", str(policy), "--problems", str(args.problems),
+               "--group", str(args.group), "--steps", str(args.steps), "--lr", str(args.lr)]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {side} measurement failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["rewards"], result["rate"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init-from", default=None, help="a run directory, trainer checkpoint or HF directory")
@@ -113,7 +129,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of both sides")
+    parser.add_argument("--side", choices=("TRL", "ours"), help=argparse.SUPPRESS)  # one measurement, in this process
+    parser.add_argument("--policy", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side:
+        with tempfile.TemporaryDirectory() as tmp:
+            rewards, rate = (run_trl if args.side == "TRL" else run_ours)(Path(args.policy), args, Path(tmp))
+        print(json.dumps({"rewards": rewards, "rate": rate}))
+        return
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.problems} problems x G {args.group}, "
           f"{args.steps} steps (the first is warm-up), {args.rounds} rounds")
     rewards: dict[str, list[float]] = {}
@@ -123,8 +148,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             rates = {}
             for side in (("TRL", "ours") if round_ % 2 == 0 else ("ours", "TRL")):
-                run = run_trl if side == "TRL" else run_ours
-                rewards[side], rates[side] = run(policy, args, Path(tmp))
+                rewards[side], rates[side] = measure(side, policy, args)
             ratios.append(rates["ours"] / rates["TRL"])
             print(f"round {round_ + 1}: RL samples/s: ours {rates['ours']:.1f}, TRL {rates['TRL']:.1f}, "
                   f"ratio {ratios[-1]:.3f}", flush=True)

@@ -158,10 +158,15 @@ def test_two_ranks_zero1_agree(tmp_path, policy):
 
 
 def test_zero3_weight_sync_gathers_the_partitions(tmp_path, policy):
+    # Rank 1's batches disagree with the engine's routing in one row: only rank 1 has rows for the other routing's
+    # forward, and rank 0 must run that (collective) forward too.
     summary = run(tmp_path, "zero3", policy, "deepspeed.zero_stage=3", "trainer.max_steps=2", nproc=2,
-                  ZAYA_TEST_CHECK_SYNC="1")
+                  ZAYA_TEST_CHECK_SYNC="1", ZAYA_TEST_RELABEL_ROUTING_RANK="1")
     assert summary["max_params_diff"] == 0.0
     assert summary["sync_logprob_diff"] <= 1e-4
+    for row in step_rows(tmp_path / "zero3"):
+        assert row["rl/routing_mismatch_frac"] > 0
+        assert row["rl/logprob_diff_max_noreplay"] <= 1e-4 < row["rl/logprob_diff_max"]
 
 
 @pytest.mark.parametrize(("override", "key"), [

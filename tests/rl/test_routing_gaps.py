@@ -13,6 +13,7 @@ from zaya_train.rollout import RolloutEngine
 from zaya_train.train.engine import DistInfo
 
 TAMPERED_ROWS = (1, 4)
+LAST_TOKEN_ROW = 6  # tampered only at its last token, which feeds no scored logprob
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,9 @@ def rollouts(policy):
     rows = [(SimpleNamespace(prompt_ids=p, token_ids=r.token_ids, logprobs=r.logprobs, expert_ids=r.expert_ids.clone()),
              0.0) for p, r in zip(prompts, results)]
     # The engine "recorded" another expert for one response token of these rows: the trainer's routers disagree there.
-    for row in TAMPERED_ROWS:
+    for row, position in [(row, 7) for row in TAMPERED_ROWS] + [(LAST_TOKEN_ROW, -1)]:
         ids_SL = rows[row][0].expert_ids
-        ids_SL[7, 2] = (ids_SL[7, 2] + 1) % model.config.num_experts
+        ids_SL[position, 2] = (ids_SL[position, 2] + 1) % model.config.num_experts
     return model, RowBatch(rows, pad_id=0, num_layers=model.config.num_hidden_layers, device=torch.device("cpu"))
 
 
@@ -42,6 +43,7 @@ def test_the_other_routing_runs_only_where_routing_differs_and_matches_full_forw
     model, batch = rollouts
     source = object.__new__(RLSource)
     source.rl, source.info = RLConfig(router_replay=router_replay), DistInfo(0, 1, 0, torch.device("cpu"))
+    source.sync = SimpleNamespace(partitioned=False)
     forwarded_rows: list[torch.Tensor] = []
 
     def engine(input_ids, **kwargs):
@@ -53,22 +55,23 @@ def test_the_other_routing_runs_only_where_routing_differs_and_matches_full_forw
         out = source._forward(batch, router_replay)
     forwarded_rows.clear()
     gaps = RoutingGaps(diagnose=True)
-    source._observe_routing(gaps, batch, out.logprobs.float(), out.router_ids)
+    other_routing = source._observe_routing(gaps, batch, out.logprobs.float(), out.router_ids)
+    assert forwarded_rows == [], "the other routing runs when the caller says (after the backward)"
+    other_routing()
 
     assert len(forwarded_rows) == 1
     other_rows = {tuple(row.tolist()) for row in forwarded_rows[0]}
     assert {tuple(batch.input_ids[r].tolist()) for r in TAMPERED_ROWS} <= other_rows
+    assert tuple(batch.input_ids[LAST_TOKEN_ROW].tolist()) not in other_rows
     assert len(other_rows) < len(batch.input_ids)
     assert gaps.replay == pytest.approx(brute_force_gap(model, batch, replay=True), abs=1e-6)
     assert gaps.noreplay == pytest.approx(brute_force_gap(model, batch, replay=False), abs=1e-6)
     # Only replaying the tampered ids moves the logprobs away from the engine's (measured by the other routing's
     # forward over the tampered rows when the training forward does not replay).
     assert gaps.replay > 1e-3 and gaps.noreplay <= 1e-4
-    assert gaps.mismatched >= len(TAMPERED_ROWS)
+    assert gaps.mismatched >= len(TAMPERED_ROWS) + 1
     assert gaps.decisions == float(batch.real.sum()) * model.config.num_hidden_layers
 
-    forwarded_rows.clear()
     quiet = RoutingGaps(diagnose=False)
-    source._observe_routing(quiet, batch, out.logprobs.float(), out.router_ids)
-    assert forwarded_rows == [] and quiet.mismatched == gaps.mismatched
-    assert (quiet.noreplay if router_replay else quiet.replay) == 0.0
+    assert source._observe_routing(quiet, batch, out.logprobs.float(), out.router_ids) is None
+    assert quiet.mismatched == gaps.mismatched

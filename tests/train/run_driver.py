@@ -14,6 +14,8 @@ recipe=rl and recipe=warmstart run their batch sources. ZAYA_TEST_REWARD_DIGIT=d
 characters that are the digit d (a reward a random policy can climb, for tests that need non-zero advantages);
 ZAYA_TEST_CHECK_SYNC=1 makes the result hold `sync_logprob_diff`: after the last step, the rollout engine generates
 and its logprobs are compared with a fresh model built from the trainer's final (gathered) weights.
+ZAYA_TEST_RELABEL_ROUTING_RANK=r makes rank r's RL batches record another expert for row 0's second token at
+layer 0 than the engine chose, so the trainer's routers disagree with "the engine" there, on that rank only.
 """
 
 import json
@@ -135,6 +137,18 @@ def patch_rl(source_class, report: dict) -> None:
             return prompts.PromptSource(source.rows, DigitShare(), source.seed, source.shuffle_rows)
 
         loop.environment_source = with_digit_reward
+    relabel_rank = os.environ.get("ZAYA_TEST_RELABEL_ROUTING_RANK")
+    if relabel_rank is not None:
+        batch_of = source_class._batch
+
+        def relabelled(self, rows, weights):
+            batch = batch_of(self, rows, weights)
+            if self.info.rank == int(relabel_rank):
+                ids = batch.expert_ids
+                ids[0, 1, 0] = (ids[0, 1, 0] + 1) % self.engine.module.config.num_experts
+            return batch
+
+        source_class._batch = relabelled
     if os.environ.get("ZAYA_TEST_CHECK_SYNC"):
         finish = source_class.finish
 

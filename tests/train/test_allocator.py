@@ -36,7 +36,10 @@ MIB = 1 << 20
 
 def one_tensor(malloc: str) -> tuple[bool, int, int]:
     """(settings taken, bytes mmapped for the 16 MiB tensor, free bytes the heap kept after freeing it)."""
-    env = {**os.environ, "ZAYA_MALLOC": malloc}
+    # Another allocator (LD_PRELOAD) or glibc tunables in the environment would decide these numbers instead.
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not key.startswith("MALLOC_")}
+    env["ZAYA_MALLOC"] = malloc
     out = subprocess.run([sys.executable, "-c", ONE_TENSOR], env=env, capture_output=True, text=True, timeout=300,
                          check=True)
     taken, mapped, kept = out.stdout.split()

@@ -274,10 +274,13 @@ class RLConfig:
     diagnostic_interval: int = 1
     """Every this many steps, measure the train/inference logprob gap under the other routing too (without replay
     when replay is on: `rl/logprob_diff_max_noreplay`). Rows on which the trainer's routers agree with the engine's
-    at every token and layer need no forward for it; the rest take one extra no-grad forward."""
+    at every token and layer (up to the last scored token) need no forward for it; the rest take one extra no-grad
+    forward. In fp32 on the CPU rows agree; in bf16 most long rows differ somewhere: up to a full forward."""
     max_compute_tokens: int | None = None
     """Stop (with a checkpoint) before the first step that would start with compute/total_tokens (prefilled +
-    decoded + trained tokens, counted by the run) at or past this budget; None: trainer.max_steps alone."""
+    decoded + trained tokens, counted by the run) at or past this budget; None: trainer.max_steps alone. Prefill
+    counts every request's prompt, although the engine runs a group's identical prompts once: the budget measures
+    the method, not an engine optimisation."""
     codesign: CodesignConfig = field(default_factory=CodesignConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)

@@ -19,8 +19,9 @@ checkpoints, metrics, SIGTERM) -> weight sync into the rollout engine after ever
   of a sampled token with replay, `rl/logprob_diff_max_noreplay` without (every `rl.diagnostic_interval` steps),
   `rl/routing_mismatch_frac` the share of (token, layer) decisions where the trainer's router, in the training
   forward, picks another expert than the engine did: the MoE train/inference mismatch. The other routing's
-  forward runs only over rows with a mismatch: on a row whose every decision agrees, both routings compute
-  the same forward.
+  forward runs only over rows with a mismatch at or before their last scored token (on a row whose decisions all
+  agree there, both routings compute the same logprobs), after the micro-batch's backward has freed its graph.
+  In fp32 on the CPU no row differs; in bf16 most long rows differ somewhere, so expect up to a full forward.
 - Expert biases stay fixed during RL unless `rl.update_expert_biases`: the balancer would move them from the
   replayed loads, changing the rollout policy's routing by something no gradient step accounts for.
 - Weight sync: under ZeRO 0-2 the engine decodes the training model itself, and sync only invalidates its
@@ -36,6 +37,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,11 +258,12 @@ class RLSource:
 
     @torch.no_grad()
     def _observe_routing(self, gaps: RoutingGaps, batch: RowBatch, logp_BS: torch.Tensor,
-                         router_ids_BSL: torch.Tensor) -> None:
+                         router_ids_BSL: torch.Tensor) -> Callable[[], None] | None:
         """Records the gaps of a forward before the update with `rl.router_replay`'s routing (its logprobs and
-        its routers' own picks) and, when `gaps.diagnose`, of the other routing. A row whose every real token's
-        routers pick the engine's experts in that forward computes the same forward under the other routing (by
-        induction over layers), so the other routing's forward runs only over the rows that differ somewhere."""
+        its routers' own picks). When `gaps.diagnose`, returns the other routing's forward, to run on the same
+        weights (None when no rank has one to run). A row whose routers pick the engine's experts at every token
+        and layer up to its last scored token computes the same logprobs under the other routing (by induction
+        over layers; attention and convolutions are causal), so that forward runs only over the other rows."""
         replay = self.rl.router_replay
         real_BSL = batch.real[..., None].expand_as(router_ids_BSL)
         differs_BSL = (router_ids_BSL != batch.expert_ids) & real_BSL
@@ -268,16 +271,25 @@ class RLSource:
         gaps.mismatched += float(differs_BSL.sum())
         gaps.record(replay, _max_gap(logp_BS, batch))
         if not gaps.diagnose:
-            return
-        differs_B = differs_BSL.flatten(1).any(dim=1)
+            return None
+        scored_BS = batch.mask.int().flip(1).cummax(dim=1).values.flip(1).bool()  # up to the last scored token
+        differs_B = (differs_BSL & scored_BS[..., None]).flatten(1).any(dim=1)
         gaps.record(not replay, _max_gap(logp_BS, batch, ~differs_B))
-        # Every rank runs the other forward when any rank needs one: under ZeRO-3 a forward is a collective.
-        (needed,) = reduce_over_ranks([float(differs_B.any())], self.info.device, dist.ReduceOp.MAX)
-        if needed:
-            rows = batch.select(differs_B if differs_B.any() else torch.arange(len(differs_B)) == 0)
-            other = self._forward(rows, not replay).logprobs.float()
-            if differs_B.any():
-                gaps.record(not replay, _max_gap(other, rows))
+        here = bool(differs_B.any())
+        needed = here
+        if self.sync.partitioned:  # a ZeRO-3 forward is a collective: all ranks run one if any rank needs it
+            (needed,) = reduce_over_ranks([float(here)], self.info.device, dist.ReduceOp.MAX)
+        if not needed:
+            return None
+        rows = batch.select(differs_B if here else torch.arange(len(differs_B), device=differs_B.device) == 0)
+
+        @torch.no_grad()
+        def other_routing() -> None:
+            other_BS = self._forward(rows, not replay).logprobs.float()
+            if here:
+                gaps.record(not replay, _max_gap(other_BS, rows))
+
+        return other_routing
 
     def _micro_batch(self, batch: RowBatch, logp_old: torch.Tensor | None, logp_ref: torch.Tensor | None,
                      denominator: float, fractions: list[float], gaps: RoutingGaps) -> MicroBatch:
@@ -286,9 +298,10 @@ class RLSource:
         rl = self.rl
         out = self._forward(batch, rl.router_replay)
         logp = out.logprobs.float()
+        other_routing = None
         if logp_old is None:
             logp_old = logp.detach()
-            self._observe_routing(gaps, batch, logp_old, out.router_ids)
+            other_routing = self._observe_routing(gaps, batch, logp_old, out.router_ids)
         importance = {"logp_rollout_BT": batch.engine_logp, "tis_cap": rl.tis_cap} if rl.tis_cap > 0 else {}
         policy = algorithms.policy_loss(
             logp, logp_old, batch.advantages, batch.mask, trust_region=rl.trust_region, delta=rl.delta,
@@ -307,7 +320,8 @@ class RLSource:
         # DeepSpeed averages gradients over ranks; the loss is already normalised by the global count.
         world = self.info.world_size
         loads = real_token_loads(out.expert_ids, batch.real, self.engine.module.config.num_router_classes)
-        return MicroBatch(loss * world, loss.detach() * world * self.gas, loads, int(batch.real.sum()))
+        return MicroBatch(loss * world, loss.detach() * world * self.gas, loads, int(batch.real.sum()),
+                          after_backward=other_routing)
 
     def run_step(self, step: int, runner: StepRunner) -> StepResult | None:
         rl, device = self.rl, self.info.device
@@ -441,7 +455,9 @@ class RLSource:
             if need_old:
                 out = self._forward(batch, rl.router_replay)
                 values = out.logprobs.float()
-                self._observe_routing(gaps, batch, values, out.router_ids)
+                other_routing = self._observe_routing(gaps, batch, values, out.router_ids)
+                if other_routing is not None:
+                    other_routing()
                 logp_old += list(values)
             if self.reference is not None:
                 logp_ref += list(self._forward(batch, rl.router_replay, self.reference).logprobs.float())

@@ -32,7 +32,8 @@ TRIM_THRESHOLD_BYTES = 2**31 - 1
 @functools.cache
 def keep_freed_memory() -> bool:
     """Sets glibc's mmap threshold to 32 MiB and its trim threshold to 2 GiB for this process, unless
-    `ZAYA_MALLOC=default`. Returns whether the settings were taken."""
+    `ZAYA_MALLOC=default`. Returns whether `mallopt` accepted them (an allocator preloaded in glibc's place may
+    accept and ignore them)."""
     choice = os.environ.get("ZAYA_MALLOC", "").strip().lower()
     if choice not in ("", "keep", "default"):
         raise ValueError(f"ZAYA_MALLOC: must be 'keep', 'default' or unset, got {os.environ['ZAYA_MALLOC']!r}")

@@ -132,12 +132,14 @@ def _initial_model(cfg: RunConfig, model_config) -> ZayaForCausalLM:
 
 class MicroBatch(NamedTuple):
     """What one micro-batch's forward hands the shared step: `loss` to back-propagate, `value` (detached) to
-    report, the forward's `tokens_per_expert` and the number of tokens it ran."""
+    report, the forward's `tokens_per_expert`, the number of tokens it ran and, optionally, work to run once its
+    backward has freed the graph and before the optimizer may step (a no-grad measurement on these weights)."""
 
     loss: torch.Tensor
     value: torch.Tensor
     tokens_per_expert: torch.Tensor
     tokens: int
+    after_backward: Callable[[], None] | None = None
 
 
 @dataclass
@@ -185,6 +187,8 @@ class StepRunner:
             # them. Its gradient is zero, or non-finite where its activations are, and then the optimizer
             # skips the whole step.
             engine.backward(out.loss if finite else out.loss * 0.0, scale_wrt_gas=scale_wrt_gas)
+            if out.after_backward is not None:
+                out.after_backward()
             engine.step()
             if not finite:
                 self.state["nonfinite_loss_micro_batches"] += 1
