@@ -85,6 +85,8 @@ class RowBatch:
     next token is a response token (where the model's `logprobs[:, t]` scores it), the engine's logprobs and
     the advantages laid out the same way, and the engine's expert ids for replay."""
 
+    FIELDS = ("input_ids", "labels", "expert_ids", "engine_logp", "mask", "real", "advantages")
+
     def __init__(self, rows: list[tuple[Any, float]], pad_id: int, num_layers: int, device: torch.device) -> None:
         width = max(len(t.prompt_ids) + len(t.token_ids) for t, _ in rows)
         batch = len(rows)
@@ -105,8 +107,6 @@ class RowBatch:
         self.advantages = torch.tensor([a for _, a in rows], dtype=torch.float32)
         for name in self.FIELDS:
             setattr(self, name, getattr(self, name).to(device))
-
-    FIELDS = ("input_ids", "labels", "expert_ids", "engine_logp", "mask", "real", "advantages")
 
     def select(self, rows_B: torch.Tensor) -> RowBatch:
         """The rows where the boolean `rows_B` is True, as a batch of their own."""
@@ -495,7 +495,7 @@ def _max_gap(logp_BS: torch.Tensor, batch: RowBatch, rows_B: torch.Tensor | None
     """The largest |logp - engine logp| over the batch's weighted response tokens (of `rows_B` only, if given)."""
     mask_BS = batch.mask if rows_B is None else batch.mask & rows_B[:, None]
     gap_BS = (logp_BS - batch.engine_logp).abs().masked_fill(~mask_BS, 0.0)
-    return float(gap_BS.max()) if gap_BS.numel() else 0.0
+    return float(gap_BS.max())
 
 
 def real_token_loads(expert_ids_BSL: torch.Tensor, real_BS: torch.Tensor, num_classes: int) -> torch.Tensor:

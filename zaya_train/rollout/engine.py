@@ -8,8 +8,9 @@
     engine.load_weights(trainer_model_or_state_dict)       # after a policy update
 
 How a call runs: up to `max_batch_size` requests are prefilled together (left-padded, positions restart at each
-prompt's first token; identical prompts, such as a GRPO group's, are run once and their cache rows copied) and then decoded one token per step (`zaya_train.model.decode.DecodeStep`; the general
-forward for ZeRO-3-partitioned weights, which only it gathers). A row that has finished takes part in exactly one
+prompt's first token; identical prompts, such as a GRPO group's, are run once and their cache rows copied) and
+then decoded one token per step (`zaya_train.model.decode.DecodeStep`; the general forward for ZeRO-3-partitioned
+weights, which only it gathers). A row that has finished takes part in exactly one
 more step, which feeds its final token so that token's routing is recorded too, and then leaves the batch
 (`ZayaCache.select`); waiting requests are prefilled on their own and appended to the running batch
 (`ZayaCache.extend`, which right-aligns the two caches). Cache memory is held for the live rows only.

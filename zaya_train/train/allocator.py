@@ -9,7 +9,7 @@ and backward (128 rows x 81 tokens) spent about a quarter of its time in those p
 or tcmalloc for the same reason; `mallopt` gets the effect without a preload.
 
     from zaya_train.train.allocator import keep_freed_memory
-    keep_freed_memory()        # once, early; True when glibc took the settings
+    keep_freed_memory()        # once, early; True when mallopt accepted the settings
 
 Cost: the process keeps its peak heap (resident memory does not shrink after a peak). `ZAYA_MALLOC=default` leaves
 glibc's settings alone; on a C library without `mallopt` (musl, macOS) nothing changes.
