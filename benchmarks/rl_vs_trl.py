@@ -10,7 +10,8 @@ problems of the nano task (the same problem indices, in the same order), group s
 top-p 1, one AdamW step per batch at the same learning rate, r - mean advantages (TRL: `scale_rewards="none"`),
 token-level loss normalisation (TRL: `loss_type="dapo"`), no KL (`beta=0`), the same exact-answer reward. TRL
 generates through transformers' `generate`; we generate through our rollout engine. RL samples per second counts
-generated sequences over the wall time of the steps after the first (warm-up) one, for each side. Both reward
+generated sequences over the wall time of the steps after the first (warm-up) one, for each side (ours: the
+trainer's `time/step_s`, the whole loop; TRL: between its step-end callbacks). Both reward
 curves are printed step by step.
 
 The machine's speed drifts by tens of percent over a minute on shared hosts, so the two sides run `--rounds` times,
@@ -67,7 +68,7 @@ def run_ours(policy: Path, args, tmp: Path) -> tuple[list[float], float]:
     train(cfg, Path(cfg.run_dir), source_factory=RLSource)
     rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "event" not in r]
-    seconds = sum(r["time/generate_s"] + r["time/reward_s"] + r["time/train_s"] + r["time/sync_s"] for r in rows[1:])
+    seconds = sum(r["time/step_s"] for r in rows[1:])
     return [r["reward/plain"] for r in rows], (len(rows) - 1) * args.problems * args.group / seconds
 
 

@@ -267,6 +267,10 @@ class RLConfig:
     """k3 KL to the frozen initial policy; 0: no reference model."""
     router_replay: bool = True
     """The trainer's forward replays the experts the engine chose for every token and layer."""
+    shared_prompt_forward: bool = False
+    """Training forwards run each distinct prompt of a micro-batch once (a group's G rollouts share it) and the
+    responses on its copied cache rows: less work where prompts repeat and are not much shorter than responses.
+    No activation checkpointing on that path; off under ZeRO-3 (one forward per micro-batch there)."""
     update_expert_biases: bool = False
     """Move the routers' balancing biases during RL (off: the rollout policy changes only by gradient steps)."""
     max_batch_size: int | None = None

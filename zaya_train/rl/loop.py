@@ -59,6 +59,7 @@ from zaya_train.rl.rollouts import (
     rollout_totals,
     step_seed,
 )
+from zaya_train.rl.shared_prompts import shared_prompt_forward
 from zaya_train.rollout import RolloutEngine
 from zaya_train.rsa import Trajectory
 from zaya_train.train.config import ConfigError, RunConfig
@@ -107,13 +108,29 @@ class RowBatch:
         self.advantages = torch.tensor([a for _, a in rows], dtype=torch.float32)
         for name in self.FIELDS:
             setattr(self, name, getattr(self, name).to(device))
+        # Row b's prompt is distinct prompt number prompt_of[b]: the same tokens and the same recorded routing.
+        self.prompt_lens = [len(t.prompt_ids) for t, _ in rows]
+        first_of: dict[tuple, int] = {}
+        self.prompt_of = [
+            first_of.setdefault((tuple(t.prompt_ids), tuple(t.expert_ids[: len(t.prompt_ids)].flatten().tolist())),
+                                len(first_of))
+            for t, _ in rows
+        ]
 
     def select(self, rows_B: torch.Tensor) -> RowBatch:
         """The rows where the boolean `rows_B` is True, as a batch of their own."""
         subset = object.__new__(RowBatch)
         for name in self.FIELDS:
             setattr(subset, name, getattr(self, name)[rows_B])
+        kept = rows_B.tolist()
+        subset.prompt_lens = [n for n, keep in zip(self.prompt_lens, kept) if keep]
+        renumbered: dict[int, int] = {}
+        subset.prompt_of = [renumbered.setdefault(u, len(renumbered)) for u, keep in zip(self.prompt_of, kept) if keep]
         return subset
+
+    @property
+    def repeats_prompts(self) -> bool:
+        return len(set(self.prompt_of)) < len(self.prompt_of)
 
 
 @dataclass
@@ -250,7 +267,13 @@ class RLSource:
         return self.rl.max_new_tokens if group.kind == "plain" else self.rl.codesign.max_new_tokens
 
     def _forward(self, batch: RowBatch, replay: bool, model=None):
-        return (model or self.engine)(
+        """Logprobs, expert ids and router picks of the batch's rows (`rl.shared_prompt_forward`: each distinct
+        prompt once, where prompts repeat)."""
+        model = model or self.engine
+        if self.rl.shared_prompt_forward and batch.repeats_prompts and not self.sync.partitioned:
+            return shared_prompt_forward(model, self.engine.module.config, batch, replay, self.rl.temperature,
+                                         self.tokenizer.pad_token_id or 0)
+        return model(
             batch.input_ids, labels=batch.labels, expert_ids=batch.expert_ids if replay else None,
             return_logits=False, return_logprobs=True, logprob_temperature=self.rl.temperature,
             return_expert_ids=True,

@@ -408,7 +408,7 @@ def train(
     reason = "max_steps"
     saved_step = state["step"]
     last_loss = float("nan")
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
     try:
         while state["step"] < cfg.trainer.max_steps:
             result = source.run_step(state["step"], runner)
@@ -421,6 +421,7 @@ def train(
             (tokens_all,) = reduce_over_ranks([result.tokens], info.device)
             state["tokens"] += int(tokens_all)
             window_tokens += int(tokens_all)
+            window_steps += 1
             last_loss = result.loss
 
             if state["step"] % cfg.trainer.log_interval == 0 or state["step"] == cfg.trainer.max_steps:
@@ -433,6 +434,8 @@ def train(
                     "skipped_steps": state["skipped_steps"],
                     "nonfinite_loss_micro_batches": state["nonfinite_loss_micro_batches"],
                     **throughput(window_tokens, max(elapsed, 1e-9), flops_per_token, info.world_size, peak),
+                    # Wall time per step, everything in the loop included (RL sources also split theirs into parts).
+                    "time/step_s": elapsed / window_steps,
                     **result.metrics,
                 }
                 if not result.skipped:
@@ -447,7 +450,7 @@ def train(
                         extra["budget"] = f"{100 * result.metrics['compute/budget_fraction']:.0f}%"
                     progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
                                          tok_s=f"{record['throughput/tokens_per_s']:.0f}", **extra)
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
             if progress is not None:
                 progress.update(1)
 
