@@ -113,7 +113,8 @@ def run_trl(policy: Path, args, tmp: Path) -> tuple[list[float], float]:
 
 def measure(side: str, policy: Path, args) -> tuple[list[float], float]:
     """One side's reward curve and RL samples/s, measured in a fresh process."""
-    command = [sys.executable, __file__, "--side", side, "--policy", str(policy), "--problems", str(args.problems),
+    # -P: benchmarks/ off sys.path, where kernels.py would shadow the `kernels` package that TRL's imports load.
+    command = [sys.executable, "-P", __file__, "--side", side, "--policy", str(policy), "--problems", str(args.problems),
                "--group", str(args.group), "--steps", str(args.steps), "--lr", str(args.lr)]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -38,6 +38,14 @@ class ZayaCache:
         """Appends this forward's keys/values at `seq_len` and returns all keys/values so far."""
         end = self.seq_len + k_BGSd.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]
+        if torch.is_grad_enabled() and (k_BGSd.requires_grad or v_BGSd.requires_grad):
+            # Under autograd, writes into a buffer make the backward copy the whole buffer once per write
+            # (CopySlices, as_strided views); a concatenation's backward is a split.
+            if buf_k is not None:
+                k_BGSd = torch.cat([buf_k[:, :, : self.seq_len], k_BGSd], dim=2)
+                v_BGSd = torch.cat([buf_v[:, :, : self.seq_len], v_BGSd], dim=2)
+            self.keys[layer], self.values[layer] = k_BGSd, v_BGSd
+            return k_BGSd, v_BGSd
         if buf_k is None or buf_k.shape[2] < end:
             capacity = max(self.initial_capacity, end, 2 * (0 if buf_k is None else buf_k.shape[2]))
             new_k = k_BGSd.new_empty(*k_BGSd.shape[:2], capacity, k_BGSd.shape[3])
