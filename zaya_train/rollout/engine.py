@@ -32,7 +32,7 @@ from zaya_train.loading import load_model
 from zaya_train.model import ZayaCache, ZayaForCausalLM
 from zaya_train.model.decode import DecodeStep
 from zaya_train.model.state import check_state_dict
-from zaya_train.rollout.sampling import draw_uniforms, request_generator, sample
+from zaya_train.rollout.sampling import UniformStream, draw_uniforms, request_generator, sample
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -57,7 +57,7 @@ class _Request:
     index: int
     prompt: list[int]
     max_new_tokens: int
-    generator: torch.Generator | None
+    uniforms: UniformStream | None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
@@ -128,7 +128,7 @@ class RolloutEngine:
         "stop" when its new tokens end with one of `stop_sequences`, "length" after its `max_new_tokens` (an int
         or one per prompt); the first that applies, in that order.
 
-        Randomness: request i draws from its own generator seeded from (seed, i), one uniform per sampled token.
+        Randomness: request i's k-th token uses the k-th uniform of its own generator, seeded from (seed, i).
         Guaranteed: the same call (prompts, parameters, seed, max_batch_size) on the same weights, device and
         threads returns the same tokens. Request i's random stream does not depend on the other requests or on
         `max_batch_size`, so its tokens change with batch composition only where batched arithmetic rounds the
@@ -215,14 +215,14 @@ class RolloutEngine:
     @staticmethod
     def _sample(rows: list[_Request], logits_BV: torch.Tensor, params: _Sampling) -> torch.Tensor:
         """Samples one token per row, appends it to its request and decides whether the request has finished."""
-        uniforms_B = None if params.temperature == 0 else draw_uniforms([r.generator for r in rows])
+        uniforms_B = None if params.temperature == 0 else draw_uniforms([r.uniforms for r in rows])
         tokens_B, logprobs_B = sample(logits_BV, params.temperature, params.top_p, params.top_k, uniforms_B)
         for r, token, logprob in zip(rows, tokens_B.tolist(), logprobs_B.tolist()):
             r.tokens.append(token)
             r.logprobs.append(logprob)
             if token in params.eos_ids:
                 r.finish_reason = "eos"
-            elif any(r.tokens[-len(stop) :] == stop for stop in params.stop_sequences):
+            elif params.stop_sequences and any(r.tokens[-len(stop) :] == stop for stop in params.stop_sequences):
                 r.finish_reason = "stop"
             elif len(r.tokens) >= r.max_new_tokens:
                 r.finish_reason = "length"
@@ -302,7 +302,7 @@ class RolloutEngine:
         stops = [token_list(s, f"stop_sequences[{i}]") for i, s in enumerate(stop_sequences or [])]
 
         requests = [
-            _Request(i, prompt, limit, request_generator(seed, i) if temperature > 0 else None)
+            _Request(i, prompt, limit, UniformStream(request_generator(seed, i)) if temperature > 0 else None)
             for i, (prompt, limit) in enumerate(zip(prompts, limits))
         ]
         return requests, _Sampling(float(temperature), float(top_p), top_k, eos_ids, stops)

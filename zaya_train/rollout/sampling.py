@@ -1,13 +1,13 @@
 """Token sampling for the rollout engine: greedy, temperature, top-k and top-p, driven by per-request uniforms.
 
-Each request owns a `torch.Generator` seeded from (seed, request index) and draws exactly one uniform per sampled
-token; the token is the inverse CDF of the (filtered) distribution at that uniform. A request's random stream
+Each request owns a `UniformStream` over a `torch.Generator` seeded from (seed, request index); its i-th sampled
+token is the inverse CDF of the (filtered) distribution at the stream's i-th uniform. A request's random stream
 therefore does not depend on which other requests share its batch, which a batched `torch.multinomial` with one
 generator could not give.
 
-    from zaya_train.rollout.sampling import request_generator, draw_uniforms, sample
-    gens = [request_generator(seed=0, index=i) for i in range(batch)]
-    tokens_B, logprobs_B = sample(logits_BV, temperature=1.0, top_p=0.9, top_k=0, uniforms_B=draw_uniforms(gens))
+    from zaya_train.rollout.sampling import UniformStream, request_generator, draw_uniforms, sample
+    streams = [UniformStream(request_generator(seed=0, index=i)) for i in range(batch)]
+    tokens_B, logprobs_B = sample(logits_BV, temperature=1.0, top_p=0.9, top_k=0, uniforms_B=draw_uniforms(streams))
 
 Shape suffixes: B rows, V vocab.
 """
@@ -25,9 +25,29 @@ def request_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def draw_uniforms(generators: list[torch.Generator]) -> torch.Tensor:
-    """One float64 uniform in [0, 1) per generator, in order."""
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+class UniformStream:
+    """A generator's float64 uniforms in [0, 1), in order, fetched `BLOCK` at a time: one `torch.rand` call per
+    token and request cost more than the rest of a sampling step. A CPU generator draws a float64 tensor's
+    elements one after another, so the stream is the same as one draw per token."""
+
+    BLOCK = 64
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.buffer: list[float] = []
+        self.used = 0
+
+    def next(self) -> float:
+        if self.used == len(self.buffer):
+            self.buffer = torch.rand(self.BLOCK, generator=self.generator, dtype=torch.float64).tolist()
+            self.used = 0
+        self.used += 1
+        return self.buffer[self.used - 1]
+
+
+def draw_uniforms(streams: list[UniformStream]) -> torch.Tensor:
+    """The next uniform of every stream, in order, as a float64 tensor."""
+    return torch.tensor([stream.next() for stream in streams], dtype=torch.float64)
 
 
 def sample(
