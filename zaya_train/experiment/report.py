@@ -135,7 +135,10 @@ def _paired_figures(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _mean_compute(entries: Sequence[dict[str, int]]) -> dict[str, int]:
-    return {key: round(fmean(entry[key] for entry in entries)) for key in COMPUTE_KEYS}
+    """Each part's mean over seeds, rounded; the total is their sum, so that the table adds up (rounding each
+    mean alone can leave the total one token off the sum of the parts)."""
+    parts = {key: round(fmean(entry[key] for entry in entries)) for key in COMPUTE_KEYS if key != "total"}
+    return {**parts, "total": sum(parts.values())}
 
 
 def _summary(models: dict[str, dict[str, Any]], compute: dict[str, dict[str, int]], split: str) -> dict[str, Any]:
