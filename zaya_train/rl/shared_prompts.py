@@ -9,7 +9,7 @@ are computed exactly as for the full-row forward, whose values these equal up to
 and convolutions: a response token sees the same prompt states either way).
 
 Worth it where prompts repeat and are not much shorter than responses (the nano task: 8 rollouts of a 19-token
-prompt with 61 new tokens, -18% training time on the CPU). The cached path runs no activation checkpointing, and
+prompt with 61 new tokens: -13% per training pass on the CPU). The cached path runs no activation checkpointing, and
 rows whose prompts are all distinct (aggregation prompts) gain nothing.
 
 Shape suffixes: B rows, U distinct prompts, P widest prompt, R widest response, W row width, L layers, V vocab.
