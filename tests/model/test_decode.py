@@ -87,6 +87,12 @@ def test_decode_step_follows_in_place_weight_updates(models):
     reference = model(token_B[:, None], position_ids=position_B[:, None], cache=cache).logits[:, -1]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
+    # Only a residual merge's parameters: the decode step keeps their constant term between updates.
+    model.model.layers[1].post_mlp_residual_scale.residual_bias.add_(0.5)
+    after = step(token_B, position_B, cache_after_prefill(model, prompt, mask))[0]
+    cache = cache_after_prefill(model, prompt, mask)
+    reference = model(token_B[:, None], position_ids=position_B[:, None], cache=cache).logits[:, -1]
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

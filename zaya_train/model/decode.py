@@ -6,6 +6,7 @@ general forward (which also handles prompts, padding and packed rows):
 - no layout: the key mask is built once per step and shared by every layer of a type;
 - the two CCA convolutions, already composed into one kernel, run as one batched matmul over the conv state;
 - q and k are normalised, scaled (`temp`) and rotated as one [B, Q + G, d] tensor; attention is two matmuls;
+- the residual merges' constant terms (b_h * s_h + b_r * s_r) are built with the other weights, not per step;
 - when every expert on every row costs fewer FLOPs than a GEMM call per expert (small batches, small experts,
   as in `nano`), the experts run densely: one GEMM for all gate/up projections, one for all down projections
   with every row's non-chosen experts weighted zero. Otherwise the grouped dispatch of `ZayaExperts` runs.
@@ -33,7 +34,13 @@ import torch.nn.functional as F
 
 from zaya_train.kernels.linear import linear
 from zaya_train.model.cache import ZayaCache
-from zaya_train.model.layers import rope_cos_sin
+from zaya_train.model.layers import (
+    ZayaResidualScaling,
+    merge_residual,
+    partial_rope,
+    residual_bias,
+    rope_cos_sin,
+)
 from zaya_train.model.model import ZayaDecoderLayer, ZayaForCausalLM
 
 # Dense experts when (E - 1) * B * D * F <= this * E: on the development CPU a GEMM call costs about as much
@@ -48,6 +55,9 @@ class _LayerWeights:
     conv_weight_HId: torch.Tensor  # [H, T*d, d]: row (t, i) of group h maps input channel i at tap t
     conv_bias_Hd: torch.Tensor
     qk_scale_H1: torch.Tensor  # sqrt(d) for queries, sqrt(d) * temp for keys
+    # (bias, s_h, s_r) of the two residual merges: the bias term is constant between weight updates.
+    attn_merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    mlp_merge: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     # Only for models small enough to run dense experts (a copy of every expert's weights otherwise).
     gate_up_weight: torch.Tensor | None  # [E*2F, D]: every expert's gate/up rows
     down_weight: torch.Tensor | None  # [D, E*F]: every expert's down projection side by side
@@ -69,6 +79,7 @@ class DecodeStep:
             layer.self_attn.qkv_proj.forget_fused_weights()
             self._sources += [*layer.self_attn.qkv_proj.parameters(), layer.self_attn.qk_norm.temp]
             self._sources += layer.mlp.experts.parameters()
+            self._sources += [*layer.post_attention_residual_scale.parameters(), *layer.post_mlp_residual_scale.parameters()]
 
     def layer_weights(self) -> list[_LayerWeights]:
         """The rearranged weights, rebuilt when a tensor they come from has changed in place since the last step."""
@@ -95,6 +106,8 @@ class DecodeStep:
             conv_weight_HId=conv_HId.contiguous(),
             conv_bias_Hd=conv_bias_C.view(groups, d),
             qk_scale_H1=qk_scale_H1,
+            attn_merge=_merge_terms(layer.post_attention_residual_scale),
+            mlp_merge=_merge_terms(layer.post_mlp_residual_scale),
             gate_up_weight=experts.gate_up_proj.reshape(num_experts * 2 * inter, hidden) if dense_experts else None,
             down_weight=experts.down_proj.permute(1, 0, 2).reshape(hidden, num_experts * inter) if dense_experts else None,
         )
@@ -133,14 +146,14 @@ class DecodeStep:
         for idx, (layer, weights) in enumerate(zip(model.layers, self.layer_weights())):
             layer_type = config.layer_types[idx]
             h_BD = self._attention(layer, weights, residual_BD, ropes[layer_type], masks[layer_type], cache)
-            residual_BD = layer.post_attention_residual_scale(h_BD, residual_BD)
+            residual_BD = merge_residual(h_BD, residual_BD, *weights.attn_merge)
             x_BD = layer.post_attention_layernorm(residual_BD)
             ids_B, weight_B, router_state_BR, _ = layer.mlp.gate(x_BD, router_state_BR, None)
             if dense:
                 h_BD = self._dense_experts(weights, x_BD, ids_B, weight_B, config.num_experts)
             else:
                 h_BD = layer.mlp.experts(x_BD, ids_B, weight_B)
-            residual_BD = layer.post_mlp_residual_scale(h_BD, residual_BD)
+            residual_BD = merge_residual(h_BD, residual_BD, *weights.mlp_merge)
             ids_per_layer.append(ids_B)
         cache.advance(1, key_valid_BK)
         logits_BV = self.model.lm_head(model.norm(residual_BD))
@@ -197,7 +210,7 @@ class DecodeStep:
 
         eps = torch.finfo(torch.float32).eps
         qk_BHd = qk_BHd * (weights.qk_scale_H1 / qk_BHd.norm(dim=-1, keepdim=True).clamp_min(eps))
-        qk_BHd = _partial_rope(qk_BHd, *rope).to(x_BD.dtype)
+        qk_BHd = partial_rope(qk_BHd, *rope).to(x_BD.dtype)
         q_BGgd = qk_BHd[:, :heads].view(batch, kv_heads, group, d)
         k_BG1d = qk_BHd[:, heads:, None]
 
@@ -226,10 +239,6 @@ class DecodeStep:
         return linear(act_BEF.reshape(batch, -1), weights.down_weight)
 
 
-def _partial_rope(x_BHd: torch.Tensor, cos_B1R: torch.Tensor, sin_B1R: torch.Tensor) -> torch.Tensor:
-    """NeoX rotate-half RoPE on the first R channels of every head (as `layers.apply_partial_rope`)."""
-    rotary = cos_B1R.shape[-1]
-    half = rotary // 2
-    x_rot, x_pass = x_BHd[..., :rotary], x_BHd[..., rotary:]
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    return torch.cat((x_rot * cos_B1R + rotated * sin_B1R, x_pass), dim=-1)
+def _merge_terms(scaling: ZayaResidualScaling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h_scale, r_scale = scaling.hidden_states_scale, scaling.residual_scale
+    return residual_bias(scaling.hidden_states_bias, h_scale, scaling.residual_bias, r_scale), h_scale, r_scale

@@ -50,7 +50,10 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _needs_grad(x, weight):
         return _RMSNorm.apply(x, weight, eps)
-    # Without autograd (decoding, evaluation) PyTorch's fused op is cheaper than a custom Function's dispatch.
+    # Without autograd (decoding, evaluation) PyTorch's fused op is cheaper than a custom Function's dispatch; it
+    # applies an fp32 weight in the same pass, with the same rounding as normalising and then scaling.
+    if weight.dtype == torch.float32:
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(weight.dtype) * weight
 
 
@@ -86,11 +89,20 @@ class ZayaRMSNorm(nn.Module):
         return z, rms_norm(z, self.weight, self.eps)
 
 
+def residual_bias(h_bias, h_scale, r_bias, r_scale) -> torch.Tensor:
+    """The constant term b_h * s_h + b_r * s_r of the residual merge, fp32 [D]."""
+    return h_bias.float() * h_scale + r_bias.float() * r_scale
+
+
+def merge_residual(hidden, residual, bias, h_scale, r_scale) -> torch.Tensor:
+    """h * s_h + r * s_r + bias, with `bias` from `residual_bias`: two passes over the activations."""
+    return torch.addcmul(bias, hidden.float(), h_scale).addcmul_(residual, r_scale)
+
+
 def _residual_scaling(hidden, residual, h_bias, h_scale, r_bias, r_scale) -> torch.Tensor:
     """(h + b_h) * s_h + (r + b_r) * s_r as h * s_h + r * s_r + (b_h * s_h + b_r * s_r): two passes over the
     activations instead of five (the elementwise passes are memory-bound on CPUs)."""
-    out = torch.addcmul(h_bias.float() * h_scale + r_bias.float() * r_scale, hidden.float(), h_scale)
-    return out.addcmul_(residual, r_scale)
+    return merge_residual(hidden, residual, residual_bias(h_bias, h_scale, r_bias, r_scale), h_scale, r_scale)
 
 
 class _ResidualScaling(torch.autograd.Function):
@@ -162,11 +174,42 @@ def rope_cos_sin(position_ids_BS: torch.Tensor, inv_freq: torch.Tensor) -> tuple
     return emb_BSR.cos(), emb_BSR.sin()
 
 
-def apply_partial_rope(x_BSHd: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor:
-    """Rotates the first R channels of every head; the remaining channels carry no position."""
-    rotary_dim = cos_BSR.shape[-1]
+def partial_rope(x_BSHd: torch.Tensor, cos_BS1R: torch.Tensor, sin_BS1R: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half RoPE on the first R channels of the last dim; cos/sin [..., R] broadcast against x."""
+    rotary_dim = cos_BS1R.shape[-1]
     x_rot, x_pass = x_BSHd[..., :rotary_dim], x_BSHd[..., rotary_dim:]
-    cos, sin = cos_BSR[:, :, None, :], sin_BSR[:, :, None, :]
     half = rotary_dim // 2
     rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+    return torch.cat((x_rot * cos_BS1R + rotated * sin_BS1R, x_pass), dim=-1)
+
+
+class _PartialRope(torch.autograd.Function):
+    """Rotate-half RoPE is linear in x: dx_rot = g*cos + rotate_half^T(g*sin), with rotate_half^T(u) = (u2, -u1);
+    dx_pass = g_pass. Written into one buffer, instead of autograd's zero-filled full-width gradient per slice
+    (four per call) and the adds that merge them; the same products and sums, so the same values."""
+
+    @staticmethod
+    def forward(ctx, x_BSHd, cos_BS1R, sin_BS1R):
+        ctx.save_for_backward(cos_BS1R, sin_BS1R)
+        return partial_rope(x_BSHd, cos_BS1R, sin_BS1R)
+
+    @staticmethod
+    def backward(ctx, grad_BSHd):
+        cos_BS1R, sin_BS1R = ctx.saved_tensors
+        rotary_dim = cos_BS1R.shape[-1]
+        half = rotary_dim // 2
+        grad_rot = grad_BSHd[..., :rotary_dim]
+        along_cos, along_sin = grad_rot * cos_BS1R, grad_rot * sin_BS1R
+        grad_x = torch.empty_like(grad_BSHd)
+        torch.add(along_cos[..., :half], along_sin[..., half:], out=grad_x[..., :half])
+        torch.sub(along_cos[..., half:], along_sin[..., :half], out=grad_x[..., half:rotary_dim])
+        grad_x[..., rotary_dim:] = grad_BSHd[..., rotary_dim:]
+        return grad_x, None, None
+
+
+def apply_partial_rope(x_BSHd: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor:
+    """Rotates the first R channels of every head; the remaining channels carry no position."""
+    cos_BS1R, sin_BS1R = cos_BSR[:, :, None, :], sin_BSR[:, :, None, :]
+    if _needs_grad(x_BSHd):
+        return _PartialRope.apply(x_BSHd, cos_BS1R, sin_BS1R)
+    return partial_rope(x_BSHd, cos_BS1R, sin_BS1R)

@@ -89,31 +89,30 @@ class RowBatch:
     FIELDS = ("input_ids", "labels", "expert_ids", "engine_logp", "mask", "real", "advantages")
 
     def __init__(self, rows: list[tuple[Any, float]], pad_id: int, num_layers: int, device: torch.device) -> None:
-        width = max(len(t.prompt_ids) + len(t.token_ids) for t, _ in rows)
-        batch = len(rows)
-        self.input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-        self.labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        self.expert_ids = torch.zeros((batch, width, num_layers), dtype=torch.long)
-        self.engine_logp = torch.zeros((batch, width))
-        self.mask = torch.zeros((batch, width), dtype=torch.bool)
-        self.real = torch.zeros((batch, width), dtype=torch.bool)
-        for b, (t, _) in enumerate(rows):
-            prompt, response = len(t.prompt_ids), len(t.token_ids)
-            self.input_ids[b, : prompt + response] = torch.tensor(t.prompt_ids + t.token_ids)
-            self.labels[b, prompt : prompt + response] = torch.tensor(t.token_ids)
-            self.expert_ids[b, : prompt + response] = t.expert_ids
-            self.engine_logp[b, prompt - 1 : prompt + response - 1] = torch.tensor(t.logprobs)
-            self.mask[b, prompt - 1 : prompt + response - 1] = True
-            self.real[b, : prompt + response] = True
+        self.prompt_lens = [len(t.prompt_ids) for t, _ in rows]
+        lengths = [len(t.prompt_ids) + len(t.token_ids) for t, _ in rows]
+        width = max(lengths)
+        # Whole-batch ops on Python lists: a handful of tensor ops per row would cost more than the rows' data.
+        self.input_ids = torch.tensor([t.prompt_ids + t.token_ids + [pad_id] * (width - n)
+                                       for (t, _), n in zip(rows, lengths)], dtype=torch.long)
+        self.labels = torch.tensor([[IGNORE_INDEX] * len(t.prompt_ids) + t.token_ids + [IGNORE_INDEX] * (width - n)
+                                    for (t, _), n in zip(rows, lengths)], dtype=torch.long)
+        # Row b scores its response at columns P_b - 1 .. P_b + R_b - 2 (logprobs[:, t] scores token t + 1).
+        self.engine_logp = torch.tensor([[0.0] * (len(t.prompt_ids) - 1) + list(t.logprobs) + [0.0] * (width - n + 1)
+                                         for (t, _), n in zip(rows, lengths)], dtype=torch.float32)
+        column_W = torch.arange(width)
+        prompt_lens_B1, lengths_B1 = torch.tensor(self.prompt_lens)[:, None], torch.tensor(lengths)[:, None]
+        self.mask = (column_W >= prompt_lens_B1 - 1) & (column_W < lengths_B1 - 1)
+        self.real = column_W < lengths_B1
+        self.expert_ids = torch.zeros((len(rows), width, num_layers), dtype=torch.long)
+        self.expert_ids[self.real] = torch.cat([t.expert_ids for t, _ in rows]).to(torch.long)
         self.advantages = torch.tensor([a for _, a in rows], dtype=torch.float32)
         for name in self.FIELDS:
             setattr(self, name, getattr(self, name).to(device))
         # Row b's prompt is distinct prompt number prompt_of[b]: the same tokens and the same recorded routing.
-        self.prompt_lens = [len(t.prompt_ids) for t, _ in rows]
         first_of: dict[tuple, int] = {}
         self.prompt_of = [
-            first_of.setdefault((tuple(t.prompt_ids), tuple(t.expert_ids[: len(t.prompt_ids)].flatten().tolist())),
-                                len(first_of))
+            first_of.setdefault((tuple(t.prompt_ids), t.expert_ids[: len(t.prompt_ids)].cpu().numpy().tobytes()), len(first_of))
             for t, _ in rows
         ]
 
