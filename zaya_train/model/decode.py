@@ -34,13 +34,7 @@ import torch.nn.functional as F
 
 from zaya_train.kernels.linear import linear
 from zaya_train.model.cache import ZayaCache
-from zaya_train.model.layers import (
-    ZayaResidualScaling,
-    merge_residual,
-    partial_rope,
-    residual_bias,
-    rope_cos_sin,
-)
+from zaya_train.model.layers import merge_residual, partial_rope, rope_cos_sin
 from zaya_train.model.model import ZayaDecoderLayer, ZayaForCausalLM
 
 # Dense experts when (E - 1) * B * D * F <= this * E: on the development CPU a GEMM call costs about as much
@@ -106,8 +100,8 @@ class DecodeStep:
             conv_weight_HId=conv_HId.contiguous(),
             conv_bias_Hd=conv_bias_C.view(groups, d),
             qk_scale_H1=qk_scale_H1,
-            attn_merge=_merge_terms(layer.post_attention_residual_scale),
-            mlp_merge=_merge_terms(layer.post_mlp_residual_scale),
+            attn_merge=layer.post_attention_residual_scale.merge_terms(),
+            mlp_merge=layer.post_mlp_residual_scale.merge_terms(),
             gate_up_weight=experts.gate_up_proj.reshape(num_experts * 2 * inter, hidden) if dense_experts else None,
             down_weight=experts.down_proj.permute(1, 0, 2).reshape(hidden, num_experts * inter) if dense_experts else None,
         )
@@ -238,7 +232,3 @@ class DecodeStep:
         act_BEF = F.silu(gate_BEF) * up_BEF * chosen_BX[:, :num_experts, None]
         return linear(act_BEF.reshape(batch, -1), weights.down_weight)
 
-
-def _merge_terms(scaling: ZayaResidualScaling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    h_scale, r_scale = scaling.hidden_states_scale, scaling.residual_scale
-    return residual_bias(scaling.hidden_states_bias, h_scale, scaling.residual_bias, r_scale), h_scale, r_scale

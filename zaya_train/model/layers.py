@@ -162,6 +162,11 @@ class ZayaResidualScaling(nn.Module):
             return norm(hidden_BSD, scaling=(residual_BSD, *params))
         return scale_residual(hidden_BSD, residual_BSD, *params)
 
+    def merge_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(bias, s_h, s_r) for `merge_residual`, for callers that merge many times on unchanged weights."""
+        h_scale, r_scale = self.hidden_states_scale, self.residual_scale
+        return residual_bias(self.hidden_states_bias, h_scale, self.residual_bias, r_scale), h_scale, r_scale
+
 
 def rope_inv_freq(theta: float, rotary_dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))

@@ -112,7 +112,8 @@ class RowBatch:
         # Row b's prompt is distinct prompt number prompt_of[b]: the same tokens and the same recorded routing.
         first_of: dict[tuple, int] = {}
         self.prompt_of = [
-            first_of.setdefault((tuple(t.prompt_ids), t.expert_ids[: len(t.prompt_ids)].cpu().numpy().tobytes()), len(first_of))
+            first_of.setdefault((tuple(t.prompt_ids), t.expert_ids[: len(t.prompt_ids)].to(torch.long).cpu().numpy().tobytes()),
+                                len(first_of))
             for t, _ in rows
         ]
 
