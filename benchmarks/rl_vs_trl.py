@@ -63,7 +63,7 @@ def run_ours(policy: Path, args, tmp: Path) -> tuple[list[float], float]:
         f"model.init_from={policy}", f"run_dir={tempfile.mkdtemp(dir=tmp)}", f"trainer.max_steps={args.steps}",
         "trainer.progress_bar=false", "wandb.mode=disabled", f"rl.prompts_per_step={args.problems}",
         f"rl.group_size={args.group}", "rl.max_new_tokens=61", f"optim.lr={args.lr}", "schedule.warmup_steps=0",
-        "trainer.save_interval=1000000",
+        "trainer.save_interval=1000000", f"rl.compile_decode={str(not args.eager_decode).lower()}",
     ])
     train(cfg, Path(cfg.run_dir), source_factory=RLSource)
     rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +115,8 @@ def measure(side: str, policy: Path, args) -> tuple[list[float], float]:
     """One side's reward curve and RL samples/s, measured in a fresh process."""
     # -P: benchmarks/ off sys.path, where kernels.py would shadow the `kernels` package that TRL's imports load.
     command = [sys.executable, "-P", __file__, "--side", side, "--policy", str(policy), "--problems", str(args.problems),
-               "--group", str(args.group), "--steps", str(args.steps), "--lr", str(args.lr)]
+               "--group", str(args.group), "--steps", str(args.steps), "--lr", str(args.lr)] + (
+                   ["--eager-decode"] if args.eager_decode else [])
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"the {side} measurement failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of both sides")
+    parser.add_argument("--eager-decode", action="store_true", help="ours without rl.compile_decode")
     parser.add_argument("--side", choices=("TRL", "ours"), help=argparse.SUPPRESS)  # one measurement, in this process
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,7 +144,8 @@ def main() -> None:
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.problems} problems x G {args.group}, "
-          f"{args.steps} steps (the first is warm-up), {args.rounds} rounds")
+          f"{args.steps} steps (the first is warm-up), {args.rounds} rounds; ours with "
+          f"rl.compile_decode={str(not args.eager_decode).lower()}")
     rewards: dict[str, list[float]] = {}
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:

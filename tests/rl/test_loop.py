@@ -1,6 +1,7 @@
 """`recipe=rl` end to end through the trainer (run_driver.py, as `zaya-train recipe=rl` runs it): per-step metrics
-that reconcile, router replay matching the engine, weight sync after updates (ZeRO-0 and 2-rank ZeRO-3), SIGTERM
-and resume giving bitwise the same steps, 2-rank ZeRO-1 ranks agreeing, bad `rl.*` values refused at start.
+that reconcile, router replay matching the engine (its decode step eager and compiled), weight sync after updates
+(ZeRO-0 and 2-rank ZeRO-3), SIGTERM and resume giving bitwise the same steps, 2-rank ZeRO-1 ranks agreeing, bad
+`rl.*` values refused at start.
 
 The policy is a random nano model; the reward is the share of a chosen digit in the completion
 (ZAYA_TEST_REWARD_DIGIT), which a random policy scores non-zero, so every step has advantages and real updates.
@@ -139,6 +140,18 @@ def test_rl_runs_with_muon_at_momentum_zero(tmp_path, policy):
     trained = consolidated_state_dict(latest_checkpoint(tmp_path / "muon"))
     initial = load_pretrained(policy).state_dict()
     assert not torch.equal(trained["model.layers.0.mlp.experts.down_proj"], initial["model.layers.0.mlp.experts.down_proj"])
+
+
+@pytest.mark.slow  # compiling the decode step takes most of its minute
+def test_compiled_decode_samples_what_the_trainer_scores(tmp_path, policy):
+    # Plain and aggregation rounds (prompts of other lengths, rows finishing at EOS) through one compiled step.
+    summary = run(tmp_path, "compiled", policy, "rl.compile_decode=true", "trainer.max_steps=2",
+                  ZAYA_TEST_CHECK_SYNC="1", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    assert summary["sync_logprob_diff"] <= 1e-4
+    rows = step_rows(tmp_path / "compiled")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["rl/logprob_diff_max"] <= 1e-4 for r in rows)
+    assert all(r["samples/generated/round2"] == 2 * 4 for r in rows)
 
 
 def test_two_ranks_zero1_agree(tmp_path, policy):

@@ -86,7 +86,10 @@ def _decide(mode: str, device: torch.device, interpret: bool) -> tuple[bool, str
 
 
 def use_triton(op: str, mode: str, device: torch.device) -> bool:
-    """Whether `op` runs its Triton kernel for tensors on `device` under `mode`; logs new decisions once."""
+    """Whether `op` runs its Triton kernel for tensors on `device` under `mode`; logs new decisions once. Inside
+    torch.compile never: inductor generates its own kernels from the PyTorch reference."""
+    if torch.compiler.is_compiling():
+        return False
     check_mode(mode)
     # Only a `triton` decision on the CPU reads the interpreter setting (importing Triton to do so).
     interpret = mode == "triton" and device.type == "cpu" and triton_importable() and interpreter_enabled()

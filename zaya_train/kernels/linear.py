@@ -95,7 +95,9 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 def uses_onednn(x: torch.Tensor, macs: int = ONEDNN_MIN_MACS) -> bool:
     """Whether a GEMM of `macs` multiply-adds on tensors like `x` takes the oneDNN path (fp32, CPU, the route is
-    oneDNN, at least ONEDNN_MIN_MACS)."""
+    oneDNN, at least ONEDNN_MIN_MACS; never inside torch.compile, whose inductor picks its own GEMMs)."""
+    if torch.compiler.is_compiling():
+        return False
     return (
         macs > 0 and macs >= ONEDNN_MIN_MACS and x.device.type == "cpu" and x.dtype == torch.float32
         and cpu_gemm_route() == "onednn"
@@ -212,13 +214,33 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tens
     """Row block e of x (the next counts_E[e] rows) times w_EOI[e].T: every expert on its contiguous slice.
 
     fp32 on CPU: one oneDNN GEMM per expert (reading the counts costs no device sync there). Elsewhere one
-    `F.grouped_mm` with no host sync, or, where the device lacks it, one GEMM per expert."""
+    `F.grouped_mm` with no host sync, or, where the device lacks it, one GEMM per expert. Inside torch.compile
+    (without autograd): one opaque op, `_grouped_linear_op`."""
+    if torch.compiler.is_compiling():
+        return _grouped_linear_op(x_NI, w_EOI, counts_E)
     if uses_onednn(x_NI, x_NI.numel() * w_EOI.shape[1]) and w_EOI.dtype == torch.float32:
         counts = counts_E.tolist()
         if torch.is_grad_enabled() and (x_NI.requires_grad or w_EOI.requires_grad):
             return _OneDNNGroupedLinear.apply(x_NI, w_EOI, counts)
         return _per_expert_onednn(x_NI, w_EOI, counts)
+    return _grouped_mm_or_loop(x_NI, w_EOI, counts_E)
+
+
+def _grouped_mm_or_loop(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     if grouped_mm_supported(x_NI.device.type, x_NI.dtype):
         return F.grouped_mm(x_NI, w_EOI.transpose(1, 2), offs=counts_E.cumsum(0).to(torch.int32))
     pieces = torch.split(x_NI, counts_E.tolist())
     return torch.cat([piece @ w_EOI[e].T for e, piece in enumerate(pieces)])
+
+
+# Opaque to torch.compile, which cannot trace F.grouped_mm everywhere (its meta function takes only bf16 on some
+# builds, so fp32 on a CPU does not trace) nor the per-expert loop (data-dependent splits). No autograd: only the
+# compiled decode step (zaya_train.model.decode) runs it.
+@torch.library.custom_op("zaya_train::grouped_linear", mutates_args=())
+def _grouped_linear_op(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    return _grouped_mm_or_loop(x_NI, w_EOI, counts_E)
+
+
+@_grouped_linear_op.register_fake
+def _(x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    return x_NI.new_empty(x_NI.shape[0], w_EOI.shape[1])

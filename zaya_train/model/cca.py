@@ -111,14 +111,17 @@ class ZayaCCAProjection(nn.Module):
             # Channels-first and contiguous: conv1d's backward is several times slower on a transposed view.
             padded_BCP = torch.cat([prefix_BPC.transpose(1, 2), qk_pre_BSC.transpose(1, 2)], dim=2)
             if cache is not None:
-                # A copy, so the cache does not keep the whole prefill buffer alive.
-                cache.conv_state[self.layer_idx] = padded_BCP[:, :, padded_BCP.shape[2] - history :].transpose(1, 2).clone()
+                # A contiguous copy: the cache does not keep the whole prefill buffer alive, and conv states have
+                # one layout wherever they come from (a compiled decode step guards on strides).
+                state_BPC = padded_BCP[:, :, padded_BCP.shape[2] - history :].transpose(1, 2)
+                cache.conv_state[self.layer_idx] = state_BPC.clone(memory_format=torch.contiguous_format)
             out_BCS = F.conv1d(padded_BCP, weight_CdT, bias_C, groups=groups)
             # Back to [B, S, C] memory order: q/k inherit it, and SDPA's fast kernels need d contiguous.
             return out_BCS.transpose(1, 2).contiguous()
         padded_BPC = torch.cat([prefix_BPC, qk_pre_BSC], dim=1)
         if cache is not None:
-            cache.conv_state[self.layer_idx] = padded_BPC[:, padded_BPC.shape[1] - history :].clone()
+            state_BPC = padded_BPC[:, padded_BPC.shape[1] - history :]
+            cache.conv_state[self.layer_idx] = state_BPC.clone(memory_format=torch.contiguous_format)
         weight_HoiT = weight_CdT.view(groups, self.head_dim, self.head_dim, self.num_taps)
         out_BSHd = bias_C.view(groups, self.head_dim).expand(batch, seq_len, groups, self.head_dim)
         for shift in range(self.num_taps):

@@ -45,7 +45,8 @@ class ZayaExperts(nn.Module):
         ids_N = ids_N.masked_fill(skip_N, 0)
         weight_N = weight_N.masked_fill(skip_N, 0.0)
         order_N = torch.argsort(ids_N, stable=True)
-        counts_E = torch.bincount(ids_N, minlength=self.num_experts)
+        # Not bincount, whose output size depends on the data (torch.compile cannot trace it).
+        counts_E = ids_N.new_zeros(self.num_experts).scatter_add_(0, ids_N, torch.ones_like(ids_N))
         xs_ND = x_ND.index_select(0, order_N)
         h_NF2 = grouped_linear(xs_ND, self.gate_up_proj, counts_E)
         gate_NF, up_NF = h_NF2.chunk(2, dim=-1)

@@ -157,7 +157,7 @@ class WeightSync:
     training module itself; under ZeRO-3 it holds a copy in the training dtype (balancing biases fp32, as in the
     trainer), refreshed from the gathered partitions."""
 
-    def __init__(self, engine, device: torch.device) -> None:
+    def __init__(self, engine, device: torch.device, compile_decode: bool = False) -> None:
         self.engine = engine
         module = engine.module
         self.partitioned = any(hasattr(p, "ds_id") for p in module.parameters())
@@ -168,7 +168,7 @@ class WeightSync:
                 router.balancing_biases = router.balancing_biases.float()
             self.rollout = RolloutEngine(copy)
         else:
-            self.rollout = RolloutEngine(module)
+            self.rollout = RolloutEngine(module, compile=compile_decode)
         self.seconds = 0.0
 
     def __call__(self) -> None:
@@ -212,7 +212,7 @@ class RLSource:
 
     def attach(self, engine, info: DistInfo) -> None:
         self.engine = engine
-        self.sync = WeightSync(engine, info.device)
+        self.sync = WeightSync(engine, info.device, self.rl.compile_decode)
         self.sync()  # weights loaded from a checkpoint in place: drop any decode cache built before
         try:
             self.collector = RolloutCollector(self.sync.rollout, self.tokenizer, self.prompts, self.rl, self.cfg.rsa,

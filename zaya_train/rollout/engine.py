@@ -74,19 +74,24 @@ class _Sampling:
 
 
 class RolloutEngine:
-    def __init__(self, model: ZayaForCausalLM) -> None:
+    """`compile=True` runs the decode step through torch.compile (`DecodeStep`): the first calls compile it (tens
+    of seconds on a CPU, where it needs a C++ compiler), later ones decode faster, with logprobs that differ from
+    the eager step's by float rounding."""
+
+    def __init__(self, model: ZayaForCausalLM, compile: bool = False) -> None:
         if not isinstance(model, ZayaForCausalLM):
             raise TypeError(f"model must be a zaya_train ZayaForCausalLM, got {type(model).__name__}")
         self.model = model
-        self.decode_step = DecodeStep(model)
+        self.decode_step = DecodeStep(model, compile=compile)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        compile: bool = False,
     ) -> RolloutEngine:
         """An engine on an HF `zaya` checkpoint directory, a trainer checkpoint or a run directory (its latest
         checkpoint)."""
-        return cls(load_model(path).to(device=device, dtype=dtype).eval())
+        return cls(load_model(path).to(device=device, dtype=dtype).eval(), compile=compile)
 
     @torch.no_grad()
     def load_weights(self, state_dict_or_model: nn.Module | dict[str, torch.Tensor]) -> None:
@@ -157,8 +162,10 @@ class RolloutEngine:
                 logits_BV, new_cache = self._prefill(admitted, device)
                 first_B = self._sample(admitted, logits_BV, params)
                 rows += admitted
-                # Each row feeds one token per step until its last token is fed: room for the longest of them.
-                remaining = max(r.max_new_tokens - len(r.tokens) + 1 for r in rows)
+                # Each row feeds one token per step until its last token is fed: room for the longest of them, and
+                # one slot more, so that the buffers never fill exactly (a compiled decode step would compile once
+                # more for the step whose keys span the whole buffer).
+                remaining = max(r.max_new_tokens - len(r.tokens) + 2 for r in rows)
                 cache.extend(new_cache, capacity=max(cache.seq_len, new_cache.seq_len) + remaining)
                 inputs_B = torch.cat([inputs_B, first_B])
                 positions_B = torch.cat([positions_B, torch.tensor([len(r.prompt) for r in admitted], device=device)])
