@@ -9,7 +9,8 @@ loads it as `model.init_from`, TRL gets transformers' own `ZayaForCausalLM` load
 problems of the nano task (the same problem indices, in the same order), group size, 61 new tokens, temperature 1,
 top-p 1, one AdamW step per batch at the same learning rate, r - mean advantages (TRL: `scale_rewards="none"`),
 token-level loss normalisation (TRL: `loss_type="dapo"`), no KL (`beta=0`), the same exact-answer reward. TRL
-generates through transformers' `generate`; we generate through our rollout engine. RL samples per second counts
+generates through transformers' `generate`; we generate through our rollout engine with its decode step compiled
+(`rl.compile_decode=true`, compiled in the warm-up step; `--eager-decode` without). RL samples per second counts
 generated sequences over the wall time of the steps after the first (warm-up) one, for each side (ours: the
 trainer's `time/step_s`, the whole loop; TRL: between its step-end callbacks). Both reward
 curves are printed step by step.
