@@ -143,10 +143,13 @@ def test_rl_runs_with_muon_at_momentum_zero(tmp_path, policy):
 
 
 @pytest.mark.slow  # compiling the decode step takes most of its minute
-def test_compiled_decode_samples_what_the_trainer_scores(tmp_path, policy):
-    # Plain and aggregation rounds (prompts of other lengths, rows finishing at EOS) through one compiled step.
+@pytest.mark.parametrize(("zero_stage", "nproc"), [(0, 1), (3, 2)], ids=["zero0", "zero3_2ranks"])
+def test_compiled_decode_samples_what_the_trainer_scores(tmp_path, policy, zero_stage, nproc):
+    # Plain and aggregation rounds (prompts of other lengths, rows finishing at EOS) through one compiled step;
+    # under ZeRO-3 the engine decodes its own copy, refreshed from the gathered partitions.
     summary = run(tmp_path, "compiled", policy, "rl.compile_decode=true", "trainer.max_steps=2",
-                  ZAYA_TEST_CHECK_SYNC="1", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+                  f"deepspeed.zero_stage={zero_stage}", nproc=nproc, ZAYA_TEST_CHECK_SYNC="1",
+                  TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     assert summary["sync_logprob_diff"] <= 1e-4
     rows = step_rows(tmp_path / "compiled")
     assert [r["step"] for r in rows] == [1, 2]

@@ -51,7 +51,10 @@ def test_compiled_decode_step_generates_what_the_full_forward_computes():
     graphs = counters["stats"]["unique_graphs"]
     results = engine.generate(batch, max_new_tokens=budgets, temperature=0.8, seed=12, eos_token_id=[])
     worst = max(worst, assert_matches_full_forward(model, batch, results, 0.8))
-    assert counters["stats"]["unique_graphs"] == graphs, "new weights, no new graph"
+    unpadded = prompts([6] * 4, seed=5)  # no key mask needed: the step passes an all-zero one
+    results = engine.generate(unpadded, max_new_tokens=8, temperature=0.8, seed=13, eos_token_id=[])
+    worst = max(worst, assert_matches_full_forward(model, unpadded, results, 0.8))
+    assert counters["stats"]["unique_graphs"] == graphs, "new weights and unpadded prompts, no new graph"
     print(f"\ncompiled decode: max |engine logprob - full forward| = {worst:.2e}")
 
 

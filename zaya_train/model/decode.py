@@ -155,6 +155,9 @@ class DecodeStep:
         masks = {t: self._key_mask(t, key_valid_BK, past + 1, tokens_B.device) for t in set(config.layer_types)}
         # A lone row runs eager: torch.compile specialises size-1 dims, so it would compile once more for it.
         compiled = self._compiled is not None and batch > 1
+        if compiled:  # always a [B, 1, 1, K] mask: a missing or broadcast one would be another graph to compile
+            masks = {t: torch.zeros(batch, 1, 1, past + 1, device=tokens_B.device) if m is None
+                     else m.expand(batch, -1, -1, -1).contiguous() for t, m in masks.items()}
         # Compiled, the grouped dispatch serves every batch size: one graph fewer, and inductor fuses its ops.
         dense = not compiled and self.dense_experts(batch)
         forward = self._compiled if compiled else self._layers

@@ -279,8 +279,7 @@ class RLConfig:
     """The rollout engine's one-token decode step runs through torch.compile (inductor, dynamic shapes): the first
     step compiles it (tens of seconds on a CPU, where inductor needs a C++ compiler), later steps decode faster
     (a nano step of 128 x 61 tokens: 0.37 -> 0.24 s on the development CPU). The engine's logprobs then differ
-    from the eager step's by float rounding, which `rl/logprob_diff_max` shows. No effect under ZeRO-3, whose
-    partitioned weights decode through the general forward."""
+    from the eager step's by float rounding, which `rl/logprob_diff_max` shows."""
     diagnostic_interval: int = 1
     """Every this many steps, measure the train/inference logprob gap under the other routing too (without replay
     when replay is on: `rl/logprob_diff_max_noreplay`). Rows on which the trainer's routers agree with the engine's

@@ -166,7 +166,7 @@ class WeightSync:
             copy = ZayaForCausalLM(module.config).to(device=device, dtype=dtype).eval()
             for router in copy.routers():
                 router.balancing_biases = router.balancing_biases.float()
-            self.rollout = RolloutEngine(copy)
+            self.rollout = RolloutEngine(copy, compile=compile_decode)
         else:
             self.rollout = RolloutEngine(module, compile=compile_decode)
         self.seconds = 0.0
