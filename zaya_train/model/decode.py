@@ -231,6 +231,7 @@ class DecodeStep:
 
         # Composed convolution over the conv state and this token: [H, B, T*d] @ [H, T*d, d].
         window_BTC = torch.cat([cache.conv_state[cca.layer_idx], qk_BC[:, None]], dim=1)
+        # States stay contiguous, as the prefill leaves them: a compiled step guards on their strides.
         cache.conv_state[cca.layer_idx] = window_BTC[:, 1:].contiguous()
         taps = window_BTC.shape[1]
         window_HBI = window_BTC.view(batch, taps, groups, d).permute(2, 0, 1, 3).reshape(groups, batch, taps * d)

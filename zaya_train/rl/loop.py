@@ -161,14 +161,13 @@ class WeightSync:
         self.engine = engine
         module = engine.module
         self.partitioned = any(hasattr(p, "ds_id") for p in module.parameters())
+        decoded = module
         if self.partitioned:
             dtype = next(module.parameters()).dtype
-            copy = ZayaForCausalLM(module.config).to(device=device, dtype=dtype).eval()
-            for router in copy.routers():
+            decoded = ZayaForCausalLM(module.config).to(device=device, dtype=dtype).eval()
+            for router in decoded.routers():
                 router.balancing_biases = router.balancing_biases.float()
-            self.rollout = RolloutEngine(copy, compile=compile_decode)
-        else:
-            self.rollout = RolloutEngine(module, compile=compile_decode)
+        self.rollout = RolloutEngine(decoded, compile=compile_decode)
         self.seconds = 0.0
 
     def __call__(self) -> None:
